@@ -1,0 +1,106 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1), naive and absorbed forms.
+
+Letters: B batch, T query length, S key length, D d_model, H heads, K qk_nope_head_dim,
+R qk_rope_head_dim, V v_head_dim, C kv_lora_rank, Q q_lora_rank.
+
+Naive form (training, prefill): expand the latent into per-head keys and values.
+Absorbed form (decode): fold W_UK into the query and W_UV after attention, so attention runs
+directly over the cached latent [S, C] and roped key [S, R] (576 values a token in V3). This
+is the computation FlashMLA performs; the two forms agree to rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+from model.common import cast, param
+from model.config import ModelConfig
+from model.norm import RMSNorm
+from model.rope import apply_rope
+
+Mask = Bool[Array, "B T S"]
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, C, R = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.wq = param(rngs, cfg, (D, H, cfg.qk_head_dim), ("embed", "heads", "qk_head"))
+        else:
+            self.wq_a = param(rngs, cfg, (D, cfg.q_lora_rank), ("embed", "q_lora"))
+            self.q_norm = RMSNorm(cfg, cfg.q_lora_rank, "q_lora", rngs=rngs)
+            self.wq_b = param(rngs, cfg, (cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "qk_head"))
+        self.wkv_a = param(rngs, cfg, (D, C), ("embed", "kv_lora"))
+        self.wk_rope = param(rngs, cfg, (D, R), ("embed", "qk_rope"))
+        self.kv_norm = RMSNorm(cfg, C, "kv_lora", rngs=rngs)
+        self.w_uk = param(rngs, cfg, (C, H, cfg.qk_nope_head_dim), ("kv_lora", "heads", "qk_nope"))
+        self.w_uv = param(rngs, cfg, (C, H, cfg.v_head_dim), ("kv_lora", "heads", "v_head"))
+        self.wo = param(rngs, cfg, (H, cfg.v_head_dim, D), ("heads", "v_head", "embed"))
+
+
+def queries(p: MLA, x: Float[Array, "B T D"], cos, sin, cfg: ModelConfig):
+    """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
+    with jax.named_scope("mla/q_proj"):
+        if cfg.q_lora_rank is None:
+            q = jnp.einsum("btd,dhk->bthk", x, cast(p.wq, cfg))
+        else:
+            cq = p.q_norm(jnp.einsum("btd,dq->btq", x, cast(p.wq_a, cfg)))
+            q = jnp.einsum("btq,qhk->bthk", cq, cast(p.wq_b, cfg))
+    q_nope, q_rope = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+    return q_nope, apply_rope(q_rope, cos, sin)
+
+
+def latents(p: MLA, x: Float[Array, "B T D"], cos, sin, cfg: ModelConfig):
+    """What the decode cache stores: normalised latent [B,T,C] and roped shared key [B,T,R]."""
+    with jax.named_scope("mla/kv_proj"):
+        ckv = p.kv_norm(jnp.einsum("btd,dc->btc", x, cast(p.wkv_a, cfg)))
+        k_rope = jnp.einsum("btd,dr->btr", x, cast(p.wk_rope, cfg))
+    return ckv, apply_rope(k_rope, cos, sin)
+
+
+def _softmax(scores: Float[Array, "B H T S"], mask: Mask) -> Float[Array, "B H T S"]:
+    scores = jnp.where(mask[:, None], scores.astype(jnp.float32), -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weights = jnp.exp(scores - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    return weights / jnp.where(total > 0, total, 1.0)   # a row with nothing to attend gives zeros
+
+
+def attend_naive(p: MLA, q_nope, q_rope, ckv, k_rope, mask: Mask, cfg: ModelConfig) -> Float[Array, "B T D"]:
+    with jax.named_scope("mla/attention_naive"):
+        k_nope = jnp.einsum("bsc,chk->bshk", ckv, cast(p.w_uk, cfg))
+        v = jnp.einsum("bsc,chv->bshv", ckv, cast(p.w_uv, cfg))
+        scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope)) * cfg.softmax_scale
+        probs = _softmax(scores, mask).astype(v.dtype)
+        out = jnp.einsum("bhts,bshv->bthv", probs, v)
+    with jax.named_scope("mla/o_proj"):
+        return jnp.einsum("bthv,hvd->btd", out, cast(p.wo, cfg))
+
+
+def attend_absorbed(p: MLA, q_nope, q_rope, ckv_cache, krope_cache, mask: Mask,
+                    cfg: ModelConfig) -> Float[Array, "B T D"]:
+    """Attention over the latent cache: ckv_cache [B,S,C], krope_cache [B,S,R]."""
+    with jax.named_scope("mla/attention_absorbed"):
+        q_latent = jnp.einsum("bthk,chk->bthc", q_nope, cast(p.w_uk, cfg))          # W_UK folded into q
+        scores = (jnp.einsum("bthc,bsc->bhts", q_latent, ckv_cache)
+                  + jnp.einsum("bthr,bsr->bhts", q_rope, krope_cache)) * cfg.softmax_scale
+        probs = _softmax(scores, mask).astype(ckv_cache.dtype)
+        out_latent = jnp.einsum("bhts,bsc->bthc", probs, ckv_cache)                  # [B,T,H,C]
+        out = jnp.einsum("bthc,chv->bthv", out_latent, cast(p.w_uv, cfg))             # W_UV after attention
+    with jax.named_scope("mla/o_proj"):
+        return jnp.einsum("bthv,hvd->btd", out, cast(p.wo, cfg))
+
+
+def causal_mask(q_positions, kv_positions, q_segments=None, kv_segments=None, kv_valid=None) -> Mask:
+    """mask[b, t, s]: key s is visible to query t (causal, same segment, valid slot)."""
+    mask = kv_positions[:, None, :] <= q_positions[:, :, None]
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == kv_segments[:, None, :]
+    if kv_valid is not None:
+        mask &= kv_valid[:, None, :]
+    return mask

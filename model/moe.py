@@ -1,0 +1,133 @@
+"""DeepSeekMoE (DeepSeek-V3 §2.1.2): fine-grained routed experts + shared experts, dropless.
+
+Letters: N tokens (B*T flattened), D d_model, E routed experts, G expert groups, k top-k,
+F expert hidden size.
+
+Routing: sigmoid (V3) or softmax (V2) scores in float32; the bias (aux-loss-free balancing)
+enters expert *selection* only; group-limited routing keeps the best `num_limited_groups`
+groups (group score = sum of its top-2 scores, or its max for V2); the chosen scores are
+optionally normalised and multiplied by the route scale.
+
+Expert compute is dropless: token copies are sorted by expert and run through grouped
+matmuls (`jax.lax.ragged_dot`), so no token is ever dropped and no capacity is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from model.common import RouterBias, cast, param
+from model.config import ModelConfig
+
+
+class FFN(nnx.Module):
+    """SwiGLU feed-forward: the dense layers' FFN and the shared experts."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs):
+        self.w_gate = param(rngs, cfg, (cfg.d_model, hidden), ("embed", "mlp"))
+        self.w_up = param(rngs, cfg, (cfg.d_model, hidden), ("embed", "mlp"))
+        self.w_down = param(rngs, cfg, (hidden, cfg.d_model), ("mlp", "embed"))
+
+
+def ffn(p: FFN, x: Float[Array, "... D"], cfg: ModelConfig) -> Float[Array, "... D"]:
+    gate = jnp.einsum("...d,df->...f", x, cast(p.w_gate, cfg))
+    up = jnp.einsum("...d,df->...f", x, cast(p.w_up, cfg))
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, cast(p.w_down, cfg))
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        E, D, F = cfg.num_routed_experts, cfg.d_model, cfg.moe_ffn_dim
+        self.router = param(rngs, cfg, (D, E), ("embed", "experts"), dtype="float32")
+        self.bias = RouterBias(jnp.zeros((E,), jnp.float32), sharding_names=("experts",), eager_sharding=False)
+        self.w_gate = param(rngs, cfg, (E, D, F), ("experts", "embed", "moe_mlp"))
+        self.w_up = param(rngs, cfg, (E, D, F), ("experts", "embed", "moe_mlp"))
+        self.w_down = param(rngs, cfg, (E, F, D), ("experts", "moe_mlp", "embed"))
+        if cfg.num_shared_experts > 0:
+            self.shared = FFN(cfg, cfg.moe_ffn_dim * cfg.num_shared_experts, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    weights: Float[Array, "N k"]     # gate values applied to expert outputs
+    experts: Int[Array, "N k"]       # chosen routed experts
+    scores: Float[Array, "N E"]      # affinity scores (sigmoid or softmax), float32
+
+
+jax.tree_util.register_dataclass(Routing, data_fields=["weights", "experts", "scores"], meta_fields=[])
+
+
+def group_limit(choice: Float[Array, "N E"], cfg: ModelConfig) -> Float[Array, "N E"]:
+    """Keep the best `num_limited_groups` groups of experts; others become -inf."""
+    G = cfg.num_expert_groups
+    if G == 1:
+        return choice
+    grouped = choice.reshape(choice.shape[0], G, -1)                          # [N, G, E/G]
+    if cfg.group_score == "top2_sum":
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)         # [N, G]
+    else:
+        group_scores = jnp.max(grouped, axis=-1)
+    _, kept = jax.lax.top_k(group_scores, cfg.num_limited_groups)             # [N, topk_group]
+    keep = jnp.zeros(group_scores.shape, bool).at[jnp.arange(choice.shape[0])[:, None], kept].set(True)
+    return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
+
+
+def route(logits: Float[Array, "N E"], bias: Float[Array, " E"], cfg: ModelConfig) -> Routing:
+    with jax.named_scope("moe/route"):
+        logits = logits.astype(jnp.float32)
+        scores = jax.nn.sigmoid(logits) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+        choice = scores + bias if cfg.router_bias else scores                 # bias: selection only
+        _, experts = jax.lax.top_k(group_limit(choice, cfg), cfg.num_experts_per_tok)
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, experts, scores)
+
+
+def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:
+    """Dropless grouped-GEMM experts: sort token copies by expert, ragged_dot, unsort, weight."""
+    N, k = r.experts.shape
+    E = cfg.num_routed_experts
+    with jax.named_scope("moe/permute"):
+        flat = r.experts.reshape(-1)                                          # [N*k]
+        order = jnp.argsort(flat, stable=True)
+        token = order // k
+        group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+        xs = x[token]                                                         # [N*k, D]
+    with jax.named_scope("moe/experts"):
+        gate = jax.lax.ragged_dot(xs, cast(p.w_gate, cfg), group_sizes)
+        up = jax.lax.ragged_dot(xs, cast(p.w_up, cfg), group_sizes)
+        ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, cast(p.w_down, cfg), group_sizes)
+    with jax.named_scope("moe/unpermute"):
+        ys = ys * r.weights.reshape(-1)[order][:, None].astype(ys.dtype)
+        return jnp.zeros_like(x).at[token].add(ys)
+
+
+def sequence_balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> Float[Array, ""]:
+    """Complementary sequence-wise balance loss (DeepSeek-V3 eq. 17-20), mean over sequences."""
+    E, k = cfg.num_routed_experts, cfg.num_experts_per_tok
+    scores = r.scores.reshape(batch, -1, E)                                   # [B, T, E]
+    T = scores.shape[1]
+    chosen = jax.nn.one_hot(r.experts.reshape(batch, T, k), E, dtype=jnp.float32).sum(axis=2)
+    f = chosen.sum(axis=1) * (E / (k * T))                                    # [B, E]
+    P = jnp.mean(scores / jnp.sum(scores, axis=-1, keepdims=True), axis=1)    # [B, E]
+    return cfg.seq_aux_alpha * jnp.mean(jnp.sum(f * P, axis=-1))
+
+
+def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig):
+    """Returns the layer output, per-expert token counts [E] and the sequence balance loss."""
+    B, T, D = x.shape
+    flat = x.reshape(B * T, D)
+    logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
+    r = route(logits, p.bias[...], cfg)
+    out = routed_experts(p, flat, r, cfg)
+    if cfg.num_shared_experts > 0:
+        with jax.named_scope("moe/shared"):
+            out = out + ffn(p.shared, flat, cfg)
+    counts = jnp.bincount(r.experts.reshape(-1), length=cfg.num_routed_experts)
+    return out.reshape(B, T, D), counts, sequence_balance_loss(r, B, cfg)

@@ -1,0 +1,1 @@
+"""orcinus.pallas_kernels: Hopper kernels (Mosaic GPU), one op per file, each with its jnp reference."""

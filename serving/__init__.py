@@ -1,0 +1,1 @@
+"""orcinus.serving: the inference engine (paged latent cache, scheduler, sampler)."""

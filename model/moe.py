@@ -44,7 +44,8 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         E, D, F = cfg.num_routed_experts, cfg.d_model, cfg.moe_ffn_dim
         self.router = param(rngs, cfg, (D, E), ("embed", "experts"), dtype="float32")
-        self.bias = RouterBias(jnp.zeros((E,), jnp.float32), sharding_names=("experts",), eager_sharding=False)
+        if cfg.router_bias:
+            self.bias = RouterBias(jnp.zeros((E,), jnp.float32), sharding_names=("experts",), eager_sharding=False)
         self.w_gate = param(rngs, cfg, (E, D, F), ("experts", "embed", "moe_mlp"))
         self.w_up = param(rngs, cfg, (E, D, F), ("experts", "embed", "moe_mlp"))
         self.w_down = param(rngs, cfg, (E, F, D), ("experts", "moe_mlp", "embed"))
@@ -77,11 +78,11 @@ def group_limit(choice: Float[Array, "N E"], cfg: ModelConfig) -> Float[Array, "
     return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
 
 
-def route(logits: Float[Array, "N E"], bias: Float[Array, " E"], cfg: ModelConfig) -> Routing:
+def route(logits: Float[Array, "N E"], bias: Float[Array, " E"] | None, cfg: ModelConfig) -> Routing:
     with jax.named_scope("moe/route"):
         logits = logits.astype(jnp.float32)
         scores = jax.nn.sigmoid(logits) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-        choice = scores + bias if cfg.router_bias else scores                 # bias: selection only
+        choice = scores if bias is None else scores + bias                # bias: selection only
         _, experts = jax.lax.top_k(group_limit(choice, cfg), cfg.num_experts_per_tok)
         weights = jnp.take_along_axis(scores, experts, axis=-1)
         if cfg.norm_topk_prob:
@@ -124,7 +125,7 @@ def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig):
     B, T, D = x.shape
     flat = x.reshape(B * T, D)
     logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
-    r = route(logits, p.bias[...], cfg)
+    r = route(logits, p.bias[...] if cfg.router_bias else None, cfg)
     out = routed_experts(p, flat, r, cfg)
     if cfg.num_shared_experts > 0:
         with jax.named_scope("moe/shared"):

@@ -29,7 +29,7 @@ def param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple[
         value = jnp.zeros(shape, dt)
     else:
         value = (cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dt)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:

@@ -45,7 +45,7 @@ class MoE(nnx.Module):
         E, D, F = cfg.num_routed_experts, cfg.d_model, cfg.moe_ffn_dim
         self.router = param(rngs, cfg, (D, E), ("embed", "experts"), dtype="float32")
         if cfg.router_bias:
-            self.bias = RouterBias(jnp.zeros((E,), jnp.float32), sharding_names=("experts",), eager_sharding=False)
+            self.bias = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=("experts",), eager_sharding=False)
         self.w_gate = param(rngs, cfg, (E, D, F), ("experts", "embed", "moe_mlp"))
         self.w_up = param(rngs, cfg, (E, D, F), ("experts", "embed", "moe_mlp"))
         self.w_down = param(rngs, cfg, (E, F, D), ("experts", "moe_mlp", "embed"))

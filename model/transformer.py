@@ -77,6 +77,10 @@ class ModelOutput:
     balance_loss: Float[Array, ""]                # sequence-wise balance loss, summed over MoE layers
 
 
+jax.tree_util.register_dataclass(
+    ModelOutput, data_fields=["logits", "mtp_logits", "hidden", "expert_counts", "balance_loss"], meta_fields=[])
+
+
 # ---- per-layer functions -----------------------------------------------------------------------
 
 def _ffn_part(p: Block, x, cfg: ModelConfig):

@@ -227,6 +227,22 @@ def _layer_slots(cfg: ModelConfig) -> list[tuple[tuple, int | None, str, bool]]:
     return slots
 
 
+def _hf_names(cfg: ModelConfig) -> set[str]:
+    """Every tensor name the checkpoint of this config holds (FP8 scales aside)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"} | (set() if cfg.tie_embeddings else {"lm_head.weight"})
+    for _, _, hf, use_moe in _layer_slots(cfg):
+        names |= {hf + name for _, name, _, _ in _block_entries(cfg, use_moe)}
+        names |= {hf + "self_attn.kv_a_proj_with_mqa.weight", hf + "self_attn.kv_b_proj.weight"}
+        if use_moe:
+            names |= {f"{hf}mlp.experts.{x}.{n}_proj.weight" for x in range(cfg.num_routed_experts)
+                      for n in ("gate", "up", "down")}
+    for j in range(cfg.mtp_depth):
+        hf = f"model.layers.{cfg.num_layers + j}."
+        names |= {hf + n for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                                   "embed_tokens.weight", "shared_head.head.weight")}
+    return names
+
+
 def _to_ours(cfg: ModelConfig, read: Callable[[str], np.ndarray]) -> dict[tuple, np.ndarray]:
     """Every parameter of ours (flat path -> array, layers stacked) from HF names via read()."""
     out: dict[tuple, np.ndarray] = {("embed",): read("model.embed_tokens.weight"),
@@ -312,6 +328,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, mtp: bool | 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}/config.json not found; expected a Hugging Face checkpoint directory")
     hf_cfg = json.loads((path / "config.json").read_text())
+    config_from_hf(hf_cfg)                            # a bad config fails before any tensor is read
     files = _open_checkpoint(path)
     declared_mtp = hf_cfg.get("num_nextn_predict_layers", 0) if hf_cfg.get("model_type") == "deepseek_v3" else 0
     has_mtp = any(k.startswith(f"model.layers.{hf_cfg['num_hidden_layers']}.") for k in files)
@@ -325,31 +342,27 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, mtp: bool | 
     config_overrides.setdefault("mtp_depth", declared_mtp if mtp else 0)
     cfg = config_from_hf(hf_cfg, param_dtype=dtype, dtype=dtype, **config_overrides)
 
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def read(name: str) -> np.ndarray:
-        if name not in files:
-            missing.append(name)
-            return np.zeros((0,), np.float32)
-        used.add(name)
-        w = files[name].get(name)
-        if w.dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
-            scale_name = name + "_scale_inv"
-            if scale_name not in files:
-                raise ValueError(f"FP8 tensor {name} has no {scale_name} in the checkpoint")
-            used.add(scale_name)
-            return _dequantize(w, files[scale_name].get(scale_name))
-        return w.astype(np.float32)
-
-    ours = _to_ours(cfg, read) if not missing else {}
-    skip_prefixes = tuple(f"model.layers.{cfg.num_layers + j}." for j in range(declared_mtp)) if not mtp else ()
-    unused = sorted(k for k in files if k not in used and not k.startswith(skip_prefixes)
+    expected = _hf_names(cfg)
+    ignored = tuple(f"model.layers.{cfg.num_layers + j}." for j in range(declared_mtp)) if not mtp else ()
+    scales = {name + "_scale_inv" for name in expected}
+    missing = sorted(expected - set(files))
+    unused = sorted(k for k in files if k not in expected and k not in scales and not k.startswith(ignored)
                     and not k.endswith("rotary_emb.inv_freq"))
     if missing or unused:
         raise ValueError(f"checkpoint {path} does not match the model built from its config.json:\n"
                          f"  missing tensors ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
                          f"  unused tensors ({len(unused)}): {unused[:20]}{' ...' if len(unused) > 20 else ''}")
+
+    def read(name: str) -> np.ndarray:
+        w = files[name].get(name)
+        if w.dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if scale_name not in files:
+                raise ValueError(f"FP8 tensor {name} has no {scale_name} in the checkpoint")
+            return _dequantize(w, files[scale_name].get(scale_name))
+        return w.astype(np.float32)
+
+    ours = _to_ours(cfg, read)
     return _assemble(cfg, ours, path)
 
 

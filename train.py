@@ -95,7 +95,8 @@ def main(argv=None):
     print(f"corpus: {len(corpus):,} tokens (Python {'.'.join(map(str, __import__('sys').version_info[:2]))} stdlib)")
     m = model.Transformer(cfg, rngs=nnx.Rngs(args.seed))
     print(f"model: {args.preset}, {model.param_count(m):,} parameters, devices: {jax.devices()}")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, args.lr * 0.1)
+    warmup = min(args.warmup, args.steps // 10)        # short runs keep most steps for the cosine
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr * 0.1)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
     opt = nnx.Optimizer(m, tx, wrt=nnx.Param)

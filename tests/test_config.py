@@ -43,9 +43,10 @@ def _abstract_counts(name):
     return total - mtp, mtp, abstract
 
 
-def test_deepseek_v3_671b_abstract_parameter_count():
+def test_deepseek_v3_671b_abstract_parameter_count(report):
     main, mtp, abstract = _abstract_counts("deepseek-v3")
-    print(f"\ndeepseek-v3: {main:,} main parameters (+{mtp:,} in the MTP module, sharing embedding and head)")
+    report(f"deepseek-v3 (abstract, eval_shape): {main:,} main parameters + {mtp:,} in the MTP module "
+           f"(which shares the embedding and head)")
     # transformers' DeepseekV3ForCausalLM at the V3 config has 671,026,419,200 parameters, of which
     # 58 x 256 are the fp32 e_score_correction_bias buffers that we keep outside nnx.Param.
     assert main == 671_026_419_200 - 58 * 256

@@ -29,13 +29,14 @@ def _ours(path, **kw):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_v3_parity_and_round_trip(seed, tmp_path):
+def test_v3_parity_and_round_trip(seed, tmp_path, report):
     reference = tiny_v3(seed)
     reference.save_pretrained(tmp_path / "hf")
     want = hf_logits(reference, TOKENS)
     ours = model.load_hf_checkpoint(tmp_path / "hf")
     assert ours.cfg.rope_scaling is not None and ours.cfg.num_expert_groups == 4 and ours.cfg.router_bias
     got = np.asarray(main_logits(ours, jnp.asarray(TOKENS)))
+    report(f"DeepseekV3 parity seed {seed}: logits relative error {rel_err(got, want):.2e}")
     assert rel_err(got, want) < 1e-5
     model.save_hf_checkpoint(ours, tmp_path / "ours")                          # and back to transformers
     again = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "ours").eval()
@@ -50,13 +51,15 @@ def test_v3_parity_variants(kw, tmp_path):
 
 
 @pytest.mark.parametrize("seed, method", [(0, "group_limited_greedy"), (1, "group_limited_greedy"), (2, "greedy")])
-def test_v2_parity_and_round_trip(seed, method, tmp_path):
+def test_v2_parity_and_round_trip(seed, method, tmp_path, report):
     reference = tiny_v2(seed, topk_method=method)
     reference.save_pretrained(tmp_path / "hf")
     want = hf_logits(reference, TOKENS)
     ours = model.load_hf_checkpoint(tmp_path / "hf")
     assert ours.cfg.score_func == "softmax" and not ours.cfg.router_bias
-    assert rel_err(np.asarray(main_logits(ours, jnp.asarray(TOKENS))), want) < 1e-5
+    err = rel_err(np.asarray(main_logits(ours, jnp.asarray(TOKENS))), want)
+    report(f"DeepseekV2 parity seed {seed} ({method}): logits relative error {err:.2e}")
+    assert err < 1e-5
     model.save_hf_checkpoint(ours, tmp_path / "ours")
     again = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert rel_err(hf_logits(again, TOKENS), want) < 1e-5

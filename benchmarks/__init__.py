@@ -1,0 +1,1 @@
+"""orcinus benchmarks: side-by-side measurements; results go to BENCHMARKS.md."""

@@ -1,0 +1,55 @@
+"""The kernel entries the GPU suite runs. Each kernel issue registers its own entries here.
+
+An entry is a kernel and its baselines at one shape. `benchmarks/gpu_suite.py` (the harness)
+builds the inputs, checks the kernel compiled on the GPU against the reference, then times the
+kernel and every baseline, and reports TFLOP/s and GB/s against the measured ceilings. Its CPU
+dry run calls the same entries with `dry=True` (tiny shapes, kernels interpreted), so an entry
+must work both ways.
+
+Entries are registered by modules listed in `ENTRY_MODULES`; importing such a module must not
+need a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+# Modules whose import registers entries (each kernel issue adds its module here).
+ENTRY_MODULES: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelEntry:
+    name: str                                         # e.g. "flash_mla b=128 s_k=4096 h_q=128 s_q=1"
+    make_inputs: Callable[[bool], tuple]              # make_inputs(dry) -> args; dry: tiny CPU shapes
+    kernel: Callable[..., Any]                        # kernel(*args, interpret=bool) -> output pytree
+    reference: Callable[..., Any]                     # plain jnp reference(*args) -> output pytree
+    error: Callable[[Any, Any], float]                # error(kernel_out, reference_out), e.g. 1 - cosine
+    tolerance: float                                  # error must be below this
+    flops: Callable[..., float]                       # flops(*args): useful FLOPs of one call
+    bytes: Callable[..., float]                       # bytes(*args): HBM bytes of one call (roofline)
+    baselines: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)  # XLA peers
+    bound: str = "compute"                            # "compute" or "memory": which ceiling applies
+    peak: str = "bf16"                                # "bf16" or "fp8": which matmul ceiling applies
+    quick: bool = True                                # included in --quick runs
+
+
+_ENTRIES: dict[str, KernelEntry] = {}
+
+
+def register(entry: KernelEntry) -> KernelEntry:
+    if entry.name in _ENTRIES:
+        raise ValueError(f"benchmark entry {entry.name!r} is registered twice")
+    if entry.bound not in ("compute", "memory") or entry.peak not in ("bf16", "fp8"):
+        raise ValueError(f"{entry.name}: bound must be compute|memory and peak bf16|fp8")
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def entries() -> list[KernelEntry]:
+    for module in ENTRY_MODULES:
+        importlib.import_module(module)
+    return list(_ENTRIES.values())

@@ -1,0 +1,137 @@
+"""The Grain pipeline over a prepared corpus: random access, global shuffle, packing, prefetch.
+
+documents (ArrayRecord, random access) -> shuffle by seed, a fresh permutation each epoch ->
+this process's slice (index p, p + P, p + 2P, ...) -> concat-then-split packing to length T ->
+batch -> thread prefetch. Every stage is a Grain dataset, so the iterator's state is a small
+dict (`get_state` / `set_state`) and a resumed run sees exactly the batches it would have seen.
+
+A batch (B = per-process batch, T = sequence length), all [B, T]:
+  tokens       int32    documents packed back to back (padding 0)
+  positions    int32    position within the document piece (restarts at 0 for each piece)
+  segment_ids  int32    1, 2, ... per piece within a row; 0 = padding
+  targets      int32    the next token within the same piece (0 where there is none)
+  weights      float32  1.0 where `targets` is a real next token, else 0.0
+`model.forward(tokens, positions=positions, segment_ids=segment_ids)` attends within pieces only.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+
+import grain
+import jax
+import numpy as np
+
+from storage.prepare import TOKEN_DTYPE, Corpus, CorpusError, _fix, open_corpus
+
+
+class CorpusSource(grain.sources.RandomAccessDataSource):
+    """Random access to the documents of a prepared corpus: source[i] -> int32 token ids."""
+
+    def __init__(self, corpus: Corpus | str | os.PathLike):
+        self.corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+        self._paths = [str(p) for p in self.corpus.shard_paths]
+        self._starts = np.cumsum([0] + [s["num_records"] for s in self.corpus.manifest["shards"]]).tolist()
+        self._source = None
+
+    def _records(self):
+        if self._source is None:                    # opened lazily: the source may be pickled to workers
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        return self._source
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        try:
+            record = self._records()[index]
+        except RuntimeError as e:
+            shard = self._paths[bisect.bisect_right(self._starts, index) - 1]
+            raise CorpusError(f"shard {shard}: record {index} cannot be read ({e}); the shard is corrupt; "
+                              f"{_fix(self.corpus.root)}") from None
+        if len(record) % TOKEN_DTYPE.itemsize:
+            raise CorpusError(f"record {index} is {len(record)} bytes, not whole int32 tokens; "
+                              f"{_fix(self.corpus.root)}")
+        return np.frombuffer(record, TOKEN_DTYPE).astype(np.int32)
+
+    def __repr__(self) -> str:
+        return f"CorpusSource({str(self.corpus.root)!r}, documents={len(self)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """The data pipeline's knobs. process_index/count default to jax.process_index()/process_count()."""
+
+    seq_len: int
+    batch_size: int                     # per process
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None       # None: repeat forever
+    read_threads: int = 4
+    read_buffer: int = 64
+    prefetch: int = 2                   # batches prefetched by a background thread; 0: none
+    process_index: int | None = None
+    process_count: int | None = None
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LoaderConfig.{name}={getattr(self, name)} must be positive")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError(f"LoaderConfig.num_epochs={self.num_epochs} must be positive, or None for forever")
+
+    def process(self) -> tuple[int, int]:
+        index = jax.process_index() if self.process_index is None else self.process_index
+        count = jax.process_count() if self.process_count is None else self.process_count
+        if not 0 <= index < count:
+            raise ValueError(f"process_index={index} must be in [0, process_count={count})")
+        return index, count
+
+
+def documents(source: grain.sources.RandomAccessDataSource, cfg: LoaderConfig) -> grain.MapDataset:
+    """This process's documents in order: global shuffle per epoch, then every P-th from index p.
+
+    Processes take disjoint positions of one global order, so within an epoch they read disjoint
+    documents whose union is the whole corpus.
+    """
+    ds = grain.MapDataset.source(source)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)              # reshuffled with a new permutation each epoch
+    ds = ds.repeat(cfg.num_epochs)
+    index, count = cfg.process()
+    return ds[index::count]
+
+
+def _finish(example: dict) -> dict:
+    tokens, seg = example["tokens"], example["tokens_segment_ids"]
+    same = (seg[..., 1:] == seg[..., :-1]) & (seg[..., 1:] > 0)
+    targets = np.zeros_like(tokens)
+    targets[..., :-1] = np.where(same, tokens[..., 1:], 0)
+    weights = np.zeros(tokens.shape, np.float32)
+    weights[..., :-1] = same
+    return dict(tokens=tokens, positions=example["tokens_positions"], segment_ids=seg,
+                targets=targets, weights=weights)
+
+
+def make_dataset(corpus: Corpus | str | os.PathLike | grain.sources.RandomAccessDataSource,
+                 cfg: LoaderConfig) -> grain.IterDataset:
+    """The whole pipeline as a Grain IterDataset of packed batches (see the module docstring).
+
+    `corpus`: a prepared corpus (its directory or an opened `Corpus`), or any random-access source
+    of int32 token arrays.
+    """
+    source = CorpusSource(corpus) if isinstance(corpus, (Corpus, str, os.PathLike)) else corpus
+    ds = documents(source, cfg).map(lambda ids: {"tokens": ids})
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len})
+    ds = ds.batch(cfg.batch_size, drop_remainder=True).map(_finish)
+    if cfg.prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
+    return ds
+
+
+def make_loader(corpus, cfg: LoaderConfig) -> grain.DatasetIterator:
+    """An iterator of packed batches with `get_state()` / `set_state(state)` for checkpoints."""
+    return iter(make_dataset(corpus, cfg))

@@ -1,0 +1,383 @@
+"""DeepGEMM-style FP8 GEMMs for Hopper (Mosaic GPU): dense, grouped contiguous, grouped masked.
+
+D = A·Bᵀ with e4m3 operands, both K-major, and fine-grained fp32 scales: A carries one scale
+per 1x128 tile (per row, per 128 of K), B one per 128x128 block. As in DeepSeek-V3's recipe,
+each 128-wide K block is multiplied on the tensor cores into a fresh fp32 wgmma accumulator,
+then scaled by sa[row, kb]·sb[col block, kb] and added to an fp32 register accumulator, so
+partial sums are promoted to fp32 every 128 of K.
+
+Letters: M rows of A (tokens), N rows of B (output features), K the contracted dim,
+G groups (experts), KB = K/128 scale blocks, NB = N/128.
+
+The kernel: one CTA per (block_m x block_n) output tile; a TMA pipeline of
+`max_concurrent_steps` stages over K streams the A tile [block_m, 128], the B tile
+[block_n, 128] (fed to wgmma as a transposed view, so both operands stay K-major, the layout
+fp8 wgmma requires) and the A scales [block_m] (A's scales are transposed to [KB, M] by the
+wrapper so a tile's scales are one contiguous TMA box, as DeepGEMM does); B's scale is one
+scalar per step read from GMEM. The epilogue writes the tile through SMEM with a TMA store.
+
+Shapes outside the kernel's constraints: K and N must be multiples of 128 (the scale
+granularity; ValueError otherwise); M is padded to a multiple of block_m by the wrappers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int
+
+from pallas_kernels import _interpret_shim
+
+SCALE_BLOCK = 128  # K (and B's N) granularity of the scales; also the pipeline's K step
+FP8 = jnp.float8_e4m3fn
+
+
+# --- 1. tuning ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    block_m: int = 64                # rows of A per CTA (one warpgroup: 64 rows of wgmma)
+    block_n: int = 128               # rows of B per CTA; a multiple of 128 (one B scale/step)
+    max_concurrent_steps: int = 4    # TMA pipeline depth over K
+
+    def __post_init__(self):
+        if self.block_m % 64:
+            raise ValueError(f"{self.block_m=} must be a multiple of 64 (wgmma M)")
+        if self.block_n != SCALE_BLOCK:
+            raise ValueError(f"{self.block_n=} must be {SCALE_BLOCK} (one B scale per K step)")
+        if self.max_concurrent_steps < 1:
+            raise ValueError(f"{self.max_concurrent_steps=} must be >= 1")
+
+
+def _config_for(m: int) -> TuningConfig:
+    """block_m 64 (the decode-friendly tile; 128 rows would need 256 fp32 registers/thread)."""
+    del m
+    return TuningConfig()
+
+
+# --- 2. kernel ---------------------------------------------------------------------------
+
+def _swizzled(rows: int) -> tuple:
+    # fp8 K step of 128 = 128 bytes per row: 128-byte swizzle, tiles of 8 rows.
+    del rows
+    return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+
+
+def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
+                 config: TuningConfig):
+    """One [block_m, block_n] output tile.
+
+    a_gmem [M, K] e4m3, b_gmem [N, K] e4m3, sa_gmem [KB, M] f32 (transposed A scales),
+    sb_gmem [NB, KB] f32, o_gmem [M, N]; mi, ni: the tile's block indices.
+    """
+    bm, bn = config.block_m, config.block_n
+
+    def k_step(idx, a_smem, b_smem, sa_smem, acc):
+        (kb,) = idx
+
+        def mma(part_ref):  # fresh fp32 accumulator for this 128-wide K block
+            plgpu.wgmma(part_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+            return part_ref[...]
+
+        part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))  # [bm, bn]
+        scale = sa_smem[0, :] * sb_gmem[ni, kb]                      # [bm]
+        return acc + part * lax.broadcast_in_dim(scale, (bm, bn), [0])
+
+    acc = plgpu.emit_pipeline(
+        k_step,
+        grid=(k // SCALE_BLOCK,),
+        in_specs=[
+            plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled(bm)),
+            plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled(bn)),
+            plgpu.BlockSpec((1, bm), lambda kb: (kb, mi)),
+        ],
+        max_concurrent_steps=config.max_concurrent_steps,
+        init_carry=jnp.zeros((bm, bn), jnp.float32),
+    )(a_gmem, b_gmem, sa_gmem)
+
+    def store(o_smem):
+        o_smem[...] = acc.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((bm, bn), o_gmem.dtype))
+
+
+def _dense_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
+    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, k=k, config=config)
+
+
+def _contiguous_kernel(idx_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
+    """idx_gmem [M] int32: each row's group; a tile takes the group of its first row."""
+    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    group = idx_gmem[mi * config.block_m]
+
+    @pl.when(group >= 0)  # padding tiles (-1) are skipped; the wrapper zeroes their rows
+    def _():
+        _tile_kernel(a_gmem, b_gmem.at[group], sa_gmem, sb_gmem.at[group], o_gmem, mi, ni,
+                     k=k, config=config)
+
+
+def _masked_kernel(mask_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
+    """mask_gmem [G] int32: valid rows per group; tiles past them are skipped."""
+    g, mi, ni = lax.axis_index("g"), lax.axis_index("m"), lax.axis_index("n")
+
+    @pl.when(mi * config.block_m < mask_gmem[g])
+    def _():
+        _tile_kernel(a_gmem.at[g], b_gmem.at[g], sa_gmem.at[g], sb_gmem.at[g], o_gmem.at[g],
+                     mi, ni, k=k, config=config)
+
+
+# --- 3. jitted wrappers ------------------------------------------------------------------
+
+def _interpret_params(interpret):
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    _interpret_shim.install()
+    return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
+
+
+def _launch(body, out_shape, out_dtype, grid, grid_names, interpret, *args):
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=grid,
+        grid_names=grid_names,
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=_interpret_params(interpret),
+    )(*args)
+
+
+def _check_operands(a, sa, b, sb, *, a_lead: tuple, b_lead: tuple, out_dtype):
+    """Shapes/dtypes as in DeepGEMM; K and N multiples of 128. Returns (m, n, k)."""
+    if a.dtype != FP8 or b.dtype != FP8:
+        raise ValueError(f"a and b must be {jnp.dtype(FP8).name}, got {a.dtype=} {b.dtype=}")
+    if sa.dtype != jnp.float32 or sb.dtype != jnp.float32:
+        raise ValueError(f"scales must be float32, got {sa.dtype=} {sb.dtype=}")
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"{out_dtype=} must be bfloat16 or float32")
+    *_, m, k = a.shape
+    *_, n, k2 = b.shape
+    if a.ndim != len(a_lead) + 2 or b.ndim != len(b_lead) + 2:
+        raise ValueError(f"bad operand ranks: {a.shape=} {b.shape=}")
+    if k != k2:
+        raise ValueError(f"contracting dims differ: {a.shape=} {b.shape=}")
+    if k % SCALE_BLOCK:
+        raise ValueError(f"{k=} must be a multiple of {SCALE_BLOCK} (the scale block)")
+    if n % SCALE_BLOCK:
+        raise ValueError(f"{n=} must be a multiple of {SCALE_BLOCK} (B's scale block)")
+    kb, nb = k // SCALE_BLOCK, n // SCALE_BLOCK
+    if sa.shape != (*a.shape[:-1], kb):
+        raise ValueError(f"{sa.shape=} must be {(*a.shape[:-1], kb)} for {a.shape=}")
+    if sb.shape != (*b.shape[:-2], nb, kb):
+        raise ValueError(f"{sb.shape=} must be {(*b.shape[:-2], nb, kb)} for {b.shape=}")
+    return m, n, k
+
+
+def _pad_rows(x, axis: int, multiple: int, value=0):
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "config"))
+def fp8_gemm_nt(
+    a_sa: tuple[Float[Array, "M K"], Float[Array, "M KB"]],
+    b_sb: tuple[Float[Array, "N K"], Float[Array, "NB KB"]],
+    out_dtype=jnp.bfloat16,
+    interpret=False,
+    config: TuningConfig | None = None,
+) -> Float[Array, "M N"]:
+    """D[m, n] = Σ_k A[m, k]·sa[m, k//128]·B[n, k]·sb[n//128, k//128] (the Mosaic GPU kernel).
+
+    a e4m3 [M, K], sa f32 [M, K/128], b e4m3 [N, K], sb f32 [N/128, K/128].
+    interpret: True (or an InterpretGPUParams) runs the kernel in the GPU interpreter on CPU.
+    """
+    (a, sa), (b, sb) = a_sa, b_sb
+    m, n, k = _check_operands(a, sa, b, sb, a_lead=(), b_lead=(), out_dtype=out_dtype)
+    config = config or _config_for(m)
+    a_p = _pad_rows(a, 0, config.block_m)                         # [Mp, K]
+    sa_t = _pad_rows(sa, 0, config.block_m).T                     # [KB, Mp]
+    mp = a_p.shape[0]
+    body = functools.partial(_dense_kernel, k=k, config=config)
+    out = _launch(body, (mp, n), out_dtype, (n // config.block_n, mp // config.block_m),
+                  ("n", "m"), interpret, a_p, b, sa_t, sb)
+    return out[:m]
+
+
+def m_grouped_fp8_gemm_nt_contiguous(
+    a_sa: tuple[Float[Array, "M K"], Float[Array, "M KB"]],
+    b_sb: tuple[Float[Array, "G N K"], Float[Array, "G NB KB"]],
+    m_indices: Int[Array, "M"],
+    out_dtype=jnp.bfloat16,
+    interpret=False,
+    config: TuningConfig | None = None,
+) -> Float[Array, "M N"]:
+    """D[r] = A[r]·B[m_indices[r]]ᵀ (scaled) for MoE prefill/training.
+
+    Rows of one group are contiguous and each group starts on a multiple of block_m (64;
+    DeepGEMM's 128 alignment satisfies it); rows with m_indices < 0 are padding and give 0.
+    Rows of a tile whose m_indices disagree, or point past G, come out NaN (never silently
+    wrong); with concrete m_indices that is a ValueError instead.
+    """
+    (a, sa), (b, sb) = a_sa, b_sb
+    m, n, k = _check_operands(a, sa, b, sb, a_lead=(), b_lead=("G",), out_dtype=out_dtype)
+    if m_indices.shape != (m,):
+        raise ValueError(f"{m_indices.shape=} must be {(m,)}")
+    config = config or _config_for(m)
+    if not isinstance(m_indices, jax.core.Tracer):
+        idx = _pad_rows(jnp.asarray(m_indices, jnp.int32), 0, config.block_m, value=-1)
+        bad = _misaligned_rows(idx, config.block_m, b.shape[0])
+        if bool(bad.any()):
+            raise ValueError(f"m_indices must be constant over each {config.block_m=}-row tile"
+                             f" and < G={b.shape[0]} (first bad row {int(jnp.argmax(bad))})")
+    return _contiguous_impl(a, sa, b, sb, m_indices, out_dtype=out_dtype,
+                            interpret=interpret, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "config"))
+def _contiguous_impl(a, sa, b, sb, m_indices, *, out_dtype, interpret, config):
+    m, k = a.shape
+    groups, n, _ = b.shape
+    bm = config.block_m
+    idx = _pad_rows(m_indices.astype(jnp.int32), 0, bm, value=-1)  # [Mp]
+    bad = _misaligned_rows(idx, bm, groups)                        # [Mp] bool
+    a_p = _pad_rows(a, 0, bm)
+    sa_t = _pad_rows(sa, 0, bm).T                                  # [KB, Mp]
+    mp = a_p.shape[0]
+    body = functools.partial(_contiguous_kernel, k=k, config=config)
+    tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, idx[::bm])
+    tile_idx = jnp.repeat(tile_idx, bm)                            # [Mp] group of each tile
+    out = _launch(body, (mp, n), out_dtype, (n // config.block_n, mp // bm), ("n", "m"),
+                  interpret, tile_idx, a_p, b, sa_t, sb)
+    out = jnp.where((idx >= 0)[:, None], out, 0)
+    return jnp.where(bad[:, None], jnp.nan, out).astype(out_dtype)[:m]
+
+
+def _misaligned_rows(idx: Int[Array, "Mp"], bm: int, groups: int) -> Array:
+    tiles = idx.reshape(-1, bm)                                    # [Mp/bm, bm]
+    mixed = (tiles != tiles[:, :1]).any(1, keepdims=True) | (tiles >= groups)
+    return jnp.broadcast_to(mixed, tiles.shape).reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("expected_m", "out_dtype", "interpret", "config"))
+def m_grouped_fp8_gemm_nt_masked(
+    a_sa: tuple[Float[Array, "G Mmax K"], Float[Array, "G Mmax KB"]],
+    b_sb: tuple[Float[Array, "G N K"], Float[Array, "G NB KB"]],
+    masked_m: Int[Array, "G"],
+    expected_m: int,
+    out_dtype=jnp.bfloat16,
+    interpret=False,
+    config: TuningConfig | None = None,
+) -> Float[Array, "G Mmax N"]:
+    """D[g, r] = A[g, r]·B[g]ᵀ (scaled) for r < masked_m[g], 0 beyond (MoE decode).
+
+    expected_m: a hint of the typical masked_m, used to pick the tile.
+    """
+    (a, sa), (b, sb) = a_sa, b_sb
+    m_max, n, k = _check_operands(a, sa, b, sb, a_lead=("G",), b_lead=("G",),
+                                  out_dtype=out_dtype)
+    groups = a.shape[0]
+    if b.shape[0] != groups or masked_m.shape != (groups,):
+        raise ValueError(f"groups differ: {a.shape=} {b.shape=} {masked_m.shape=}")
+    if expected_m < 0:
+        raise ValueError(f"{expected_m=} must be >= 0")
+    config = config or _config_for(expected_m)
+    bm = config.block_m
+    a_p = _pad_rows(a, 1, bm)                                      # [G, Mp, K]
+    sa_t = jnp.swapaxes(_pad_rows(sa, 1, bm), 1, 2)                # [G, KB, Mp]
+    mp = a_p.shape[1]
+    valid = jnp.clip(masked_m.astype(jnp.int32), 0, m_max)         # [G]
+    body = functools.partial(_masked_kernel, k=k, config=config)
+    out = _launch(body, (groups, mp, n), out_dtype,
+                  (groups, n // config.block_n, mp // bm), ("g", "n", "m"),
+                  interpret, valid, a_p, b, sa_t, sb)
+    rows = jnp.arange(m_max)[None, :, None]                        # [1, Mmax, 1]
+    return jnp.where(rows < valid[:, None, None], out[:, :m_max], 0).astype(out_dtype)
+
+
+# --- dispatch: the kernel on Hopper, the reference elsewhere ------------------------------
+
+def on_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def fp8_gemm_nt_auto(a_sa, b_sb, out_dtype=jnp.bfloat16):
+    if on_hopper():
+        return fp8_gemm_nt(a_sa, b_sb, out_dtype=out_dtype)
+    return fp8_gemm_nt_reference(a_sa, b_sb, out_dtype=out_dtype)
+
+
+def m_grouped_fp8_gemm_nt_contiguous_auto(a_sa, b_sb, m_indices, out_dtype=jnp.bfloat16):
+    if on_hopper():
+        return m_grouped_fp8_gemm_nt_contiguous(a_sa, b_sb, m_indices, out_dtype=out_dtype)
+    return m_grouped_fp8_gemm_nt_contiguous_reference(a_sa, b_sb, m_indices, out_dtype=out_dtype)
+
+
+def m_grouped_fp8_gemm_nt_masked_auto(a_sa, b_sb, masked_m, expected_m, out_dtype=jnp.bfloat16):
+    if on_hopper():
+        return m_grouped_fp8_gemm_nt_masked(a_sa, b_sb, masked_m, expected_m,
+                                            out_dtype=out_dtype)
+    return m_grouped_fp8_gemm_nt_masked_reference(a_sa, b_sb, masked_m, expected_m,
+                                                  out_dtype=out_dtype)
+
+
+# --- 5. references (plain jnp; the model's FP8 path on CPU) -------------------------------
+
+def dequantize_rows(x: Float[Array, "... R K"], s: Float[Array, "... R KB"]) -> Array:
+    """x·s with one scale per 1x128 tile -> f32."""
+    return x.astype(jnp.float32) * jnp.repeat(s, SCALE_BLOCK, axis=-1)
+
+
+def dequantize_blocks(x: Float[Array, "... N K"], s: Float[Array, "... NB KB"]) -> Array:
+    """x·s with one scale per 128x128 block -> f32."""
+    s = jnp.repeat(jnp.repeat(s, SCALE_BLOCK, axis=-2), SCALE_BLOCK, axis=-1)
+    return x.astype(jnp.float32) * s
+
+
+_HI = lax.Precision.HIGHEST
+
+
+def fp8_gemm_nt_reference(a_sa, b_sb, out_dtype=jnp.bfloat16) -> Float[Array, "M N"]:
+    (a, sa), (b, sb) = a_sa, b_sb
+    a32, b32 = dequantize_rows(a, sa), dequantize_blocks(b, sb)
+    return jnp.einsum("mk,nk->mn", a32, b32, precision=_HI).astype(out_dtype)
+
+
+def m_grouped_fp8_gemm_nt_contiguous_reference(a_sa, b_sb, m_indices,
+                                               out_dtype=jnp.bfloat16) -> Float[Array, "M N"]:
+    (a, sa), (b, sb) = a_sa, b_sb
+    a32, b32 = dequantize_rows(a, sa), dequantize_blocks(b, sb)    # [M, K], [G, N, K]
+
+    def one_group(out, g_b):
+        g, bg = g_b
+        return jnp.where((m_indices == g)[:, None],
+                         jnp.einsum("mk,nk->mn", a32, bg, precision=_HI), out), None
+
+    out0 = jnp.zeros((a.shape[0], b.shape[1]), jnp.float32)
+    out, _ = lax.scan(one_group, out0, (jnp.arange(b.shape[0]), b32))
+    return out.astype(out_dtype)
+
+
+def m_grouped_fp8_gemm_nt_masked_reference(a_sa, b_sb, masked_m, expected_m=None,
+                                           out_dtype=jnp.bfloat16) -> Float[Array, "G Mmax N"]:
+    del expected_m
+    (a, sa), (b, sb) = a_sa, b_sb
+    a32, b32 = dequantize_rows(a, sa), dequantize_blocks(b, sb)    # [G, Mmax, K], [G, N, K]
+    out = jnp.einsum("gmk,gnk->gmn", a32, b32, precision=_HI)
+    rows = jnp.arange(a.shape[1])[None, :, None]
+    return jnp.where(rows < masked_m[:, None, None], out, 0).astype(out_dtype)

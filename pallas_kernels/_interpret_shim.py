@@ -16,6 +16,12 @@ affected: the interpreted kernel is the same kernel that lowers for CUDA.
 The interpreter runs when its pallas_call is lowered (possibly inside an outer `jax.jit`,
 after the kernel wrapper returned), so the wrapper is installed for the process, not for a
 scope. `install()` is idempotent; kernel wrappers call it whenever they run interpreted.
+
+Second gap, same treatment: `plgpu.layout_cast` (a register-layout hint that Warpgroup-semantics
+layout inference needs, e.g. before a row reduction) has no CPU lowering, so the interpreter,
+which evaluates non-memory primitives with XLA:CPU, cannot run it. A layout cast is the
+identity on values; `install()` registers that identity as its CPU lowering. Only the "cpu"
+platform gets the rule: the CUDA lowering of the same kernel is untouched.
 """
 
 from __future__ import annotations
@@ -25,13 +31,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src.interpreters import mlir
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+from jax._src.pallas.mosaic_gpu import core as gpu_core
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.state import indexing
 from jax._src.state.types import TransposeTransform
 
 _LOCK = threading.Lock()
 _ORIGINAL_WGMMA = gpu_callbacks.wgmma
+_LAYOUT_CAST_ON_CPU = False
 
 
 def _has_view(transforms: Any) -> bool:
@@ -108,11 +117,17 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
 
 
 def install() -> None:
-    """Makes the interpreter's wgmma accept transposed operands (idempotent)."""
+    """Interpreter: wgmma accepts transposed operands; layout_cast runs on CPU (idempotent)."""
+    global _LAYOUT_CAST_ON_CPU
     with _LOCK:
         if gpu_callbacks.wgmma is not _wgmma:
             gpu_callbacks.wgmma = _wgmma
+        if not _LAYOUT_CAST_ON_CPU:
+            gpu_core.layout_cast_p.def_impl(lambda x, *, new_layout: x)
+            mlir.register_lowering(
+                gpu_core.layout_cast_p, lambda ctx, x, *, new_layout: [x], platform="cpu")
+            _LAYOUT_CAST_ON_CPU = True
 
 
 def installed() -> bool:
-    return gpu_callbacks.wgmma is _wgmma
+    return gpu_callbacks.wgmma is _wgmma and _LAYOUT_CAST_ON_CPU

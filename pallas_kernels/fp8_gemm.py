@@ -116,9 +116,9 @@ def _dense_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
 
 
 def _contiguous_kernel(idx_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
-    """idx_gmem [M] int32: each row's group; a tile takes the group of its first row."""
+    """idx_gmem [M/block_m] int32: each tile's group, -1 for a tile to skip."""
     mi, ni = lax.axis_index("m"), lax.axis_index("n")
-    group = idx_gmem[mi * config.block_m]
+    group = idx_gmem[mi]
 
     @pl.when(group >= 0)  # padding tiles (-1) are skipped; the wrapper zeroes their rows
     def _():
@@ -229,9 +229,10 @@ def m_grouped_fp8_gemm_nt_contiguous(
     """D[r] = A[r]·B[m_indices[r]]ᵀ (scaled) for MoE prefill/training.
 
     Rows of one group are contiguous and each group starts on a multiple of block_m (64;
-    DeepGEMM's 128 alignment satisfies it); rows with m_indices < 0 are padding and give 0.
-    Rows of a tile whose m_indices disagree, or point past G, come out NaN (never silently
-    wrong); with concrete m_indices that is a ValueError instead.
+    DeepGEMM's 128 alignment satisfies it); rows with m_indices < 0 are padding (as DeepGEMM
+    pads each group up to the alignment) and give 0. Rows of a tile that mixes two groups, or
+    names a group >= G, come out NaN (never silently wrong); with concrete m_indices that is
+    a ValueError instead.
     """
     (a, sa), (b, sb) = a_sa, b_sb
     m, n, k = _check_operands(a, sa, b, sb, a_lead=(), b_lead=("G",), out_dtype=out_dtype)
@@ -259,17 +260,23 @@ def _contiguous_impl(a, sa, b, sb, m_indices, *, out_dtype, interpret, config):
     sa_t = _pad_rows(sa, 0, bm).T                                  # [KB, Mp]
     mp = a_p.shape[0]
     body = functools.partial(_contiguous_kernel, k=k, config=config)
-    tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, idx[::bm])
-    tile_idx = jnp.repeat(tile_idx, bm)                            # [Mp] group of each tile
+    tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, _tile_groups(idx, bm))  # [Mp/bm]
     out = _launch(body, (mp, n), out_dtype, (n // config.block_n, mp // bm), ("n", "m"),
                   interpret, tile_idx, a_p, b, sa_t, sb)
     out = jnp.where((idx >= 0)[:, None], out, 0)
     return jnp.where(bad[:, None], jnp.nan, out).astype(out_dtype)[:m]
 
 
+def _tile_groups(idx: Int[Array, "Mp"], bm: int) -> Array:
+    """The group of each block_m-row tile: its rows' one non-negative index (-1 if none)."""
+    return idx.reshape(-1, bm).max(axis=1)                         # [Mp/bm]
+
+
 def _misaligned_rows(idx: Int[Array, "Mp"], bm: int, groups: int) -> Array:
+    """Rows of tiles that mix two groups or name a group >= G (padding rows, < 0, mix freely)."""
     tiles = idx.reshape(-1, bm)                                    # [Mp/bm, bm]
-    mixed = (tiles != tiles[:, :1]).any(1, keepdims=True) | (tiles >= groups)
+    group = _tile_groups(idx, bm)[:, None]
+    mixed = ((tiles >= 0) & (tiles != group)).any(1, keepdims=True) | (group >= groups)
     return jnp.broadcast_to(mixed, tiles.shape).reshape(-1)
 
 

@@ -1,0 +1,131 @@
+"""FP8 quantisers and the interpret-mode shim (pallas_kernels/fp8_quant.py, _interpret_shim.py)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _interpret_shim
+from pallas_kernels import fp8_quant as fq
+from pallas_kernels.fp8_gemm import on_hopper
+
+INTERPRET = not on_hopper()
+E4M3_REL = 2.0 ** -4          # e4m3 rounding (3 mantissa bits), relative to the element
+
+
+def _bits_equal(x, y):
+    return np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_per_token_matches_reference_and_bounds(ue8m0):
+    x = jax.random.normal(jax.random.key(0), (100, 256)) * jnp.exp(
+        3 * jax.random.normal(jax.random.key(1), (100, 1)))
+    x = x.at[3, :128].set(0.0).astype(jnp.bfloat16)            # an all-zero tile: floor scale
+    q, s = fq.per_token_cast_to_fp8(x, ue8m0=ue8m0, interpret=INTERPRET)
+    q_ref, s_ref = fq.per_token_cast_to_fp8_reference(x, ue8m0=ue8m0)
+    assert q.shape == (100, 256) and s.shape == (100, 2) and q.dtype == jnp.float8_e4m3fn
+    assert _bits_equal(q, q_ref) and np.array_equal(s, s_ref)
+    assert float(s[3, 0]) == pytest.approx(1e-4 / 448 if not ue8m0 else 2.0 ** -22)
+    x64 = np.asarray(x, np.float64)
+    deq = np.asarray(q.astype(jnp.float32), np.float64) * np.repeat(np.asarray(s), 128, 1)
+    assert (np.abs(deq - x64) <= E4M3_REL * np.abs(x64) + 2.0 ** -9 * np.repeat(np.asarray(s), 128, 1)).all()
+    if ue8m0:
+        mant, _ = np.frexp(np.asarray(s))
+        assert (mant == 0.5).all()                             # powers of two
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_per_block_matches_reference(ue8m0):
+    w = jax.random.normal(jax.random.key(2), (256, 384)) * jnp.exp(
+        jax.random.normal(jax.random.key(3), (256, 1)))
+    q, s = fq.per_block_cast_to_fp8(w, ue8m0=ue8m0, interpret=INTERPRET)
+    q_ref, s_ref = fq.per_block_cast_to_fp8_reference(w, ue8m0=ue8m0)
+    assert s.shape == (2, 3)
+    assert _bits_equal(q, q_ref) and np.array_equal(s, s_ref)
+    amax = np.abs(np.asarray(w)).reshape(2, 128, 3, 128).max(axis=(1, 3))
+    if not ue8m0:
+        np.testing.assert_allclose(np.asarray(s), amax / 448, rtol=1e-6)
+    else:
+        assert (np.asarray(s) >= amax / 448).all() and (np.asarray(s) < 2 * amax / 448).all()
+
+
+def test_quant_errors():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fq.per_token_cast_to_fp8(jnp.ones((4, 100)))
+    with pytest.raises(ValueError, match="128x128"):
+        fq.per_block_cast_to_fp8(jnp.ones((100, 128)))
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_quant_lowers_for_cuda(ue8m0):
+    x = jnp.ones((128, 256), jnp.bfloat16)
+    for fn in (fq.per_token_cast_to_fp8, fq.per_block_cast_to_fp8):
+        exported = jax.export.export(jax.jit(functools.partial(fn, ue8m0=ue8m0)),
+                                     platforms=["cuda"])(x)
+        assert "mosaic_gpu" in exported.mlir_module()
+
+
+# --- the interpret-mode shim ------------------------------------------------------------
+
+def test_apply_views_reads_through_transposes():
+    """Indexers before the transpose select what is read; later ones slice the transposed view."""
+    from jax._src.state import indexing
+    from jax._src.state.types import TransposeTransform
+    buf = np.arange(4 * 6 * 8).reshape(4, 6, 8)
+    head = indexing.NDIndexer.from_indices_shape((2, slice(0, 6), slice(0, 8)), buf.shape)
+    tail = indexing.NDIndexer.from_indices_shape((slice(1, 5), slice(2, 4)), (8, 6))
+    # The interpreter hands callbacks transforms with concrete ints, as here.
+    transforms = jax.tree.map(int, (head, TransposeTransform((1, 0)), tail))
+    got = _interpret_shim.apply_views(lambda rng: buf[rng], transforms)
+    np.testing.assert_array_equal(got, buf[2].T[1:5, 2:4])
+
+
+def _wgmma_kernel(transpose: bool, dtype, interpret):
+    """acc = A·B for one 64x128x128 tile; B is stored [N, K] and viewed transposed if asked."""
+    def body(a_gmem, b_gmem, o_gmem):
+        def scope(a_smem, b_smem, barrier):
+            plgpu.copy_gmem_to_smem(a_gmem, a_smem, barrier)
+            plgpu.barrier_wait(barrier)
+            plgpu.copy_gmem_to_smem(b_gmem, b_smem, barrier)
+            plgpu.barrier_wait(barrier)
+
+            def mma(acc_ref):
+                b_view = plgpu.transpose_ref(b_smem, (1, 0)) if transpose else b_smem
+                plgpu.wgmma(acc_ref, a_smem, b_view)
+                return acc_ref[...]
+
+            o_gmem[...] = pl.run_scoped(mma, plgpu.ACC((64, 128), jnp.float32))
+
+        swizzle = 128
+        elems = swizzle // jnp.dtype(dtype).itemsize
+        tr = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+        pl.run_scoped(scope, plgpu.SMEM((64, 128), dtype, transforms=tr),
+                      plgpu.SMEM((128, 128), dtype, transforms=tr), plgpu.Barrier(num_arrivals=1))
+
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((64, 128), jnp.float32),
+                        compiler_params=plgpu.CompilerParams(
+                            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+                        interpret=InterpretGPUParams() if interpret else None)
+
+
+@pytest.mark.parametrize("transpose,dtype", [(True, jnp.float8_e4m3fn), (False, jnp.bfloat16)])
+def test_shim_wgmma_transposed_and_plain(transpose, dtype):
+    """The interpreted kernel with a transposed (K-major) B equals A·B; plain B is unchanged."""
+    _interpret_shim.install()
+    assert _interpret_shim.installed()
+    a = jax.random.normal(jax.random.key(0), (64, 128)).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (128, 128)).astype(dtype)   # [N, K] if transposed
+    out = _wgmma_kernel(transpose, dtype, interpret=True)(a, b)
+    a64, b64 = np.asarray(a.astype(jnp.float32), np.float64), np.asarray(b.astype(jnp.float32), np.float64)
+    ref = a64 @ (b64.T if transpose else b64)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-4)
+    if transpose:  # the very same kernel lowers for CUDA
+        exported = jax.export.export(jax.jit(_wgmma_kernel(transpose, dtype, interpret=False)),
+                                     platforms=["cuda"])(a, b)
+        assert "mosaic_gpu" in exported.mlir_module()

@@ -15,6 +15,7 @@ matmuls (`jax.lax.ragged_dot`), so no token is ever dropped and no capacity is s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,23 +91,33 @@ def route(logits: Float[Array, "N E"], bias: Float[Array, " E"] | None, cfg: Mod
         return Routing(weights * cfg.routed_scaling_factor, experts, scores)
 
 
-def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:
-    """Dropless grouped-GEMM experts: sort token copies by expert, ragged_dot, unsort, weight."""
-    N, k = r.experts.shape
-    E = cfg.num_routed_experts
+def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                    w_gate, w_up, w_down) -> Float[Array, "N D"]:
+    """Dropless grouped-GEMM SwiGLU experts: sort token copies by expert, ragged_dot, unsort, weight.
+
+    experts[n, j] in [0, G) picks one of the G experts of w_* ([G, D, F], [G, D, F], [G, F, D]);
+    -1 marks an empty slot (expert parallelism: that expert lives on another rank).
+    """
+    N, k = experts.shape
+    G = w_gate.shape[0]
     with jax.named_scope("moe/permute"):
-        flat = r.experts.reshape(-1)                                          # [N*k]
+        flat = jnp.where(experts < 0, G, experts).reshape(-1)                # empty slots sort last
         order = jnp.argsort(flat, stable=True)
         token = order // k
-        group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+        group_sizes = jnp.bincount(flat, length=G + 1)[:G].astype(jnp.int32)
         xs = x[token]                                                         # [N*k, D]
     with jax.named_scope("moe/experts"):
-        gate = jax.lax.ragged_dot(xs, cast(p.w_gate, cfg), group_sizes)
-        up = jax.lax.ragged_dot(xs, cast(p.w_up, cfg), group_sizes)
-        ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, cast(p.w_down, cfg), group_sizes)
+        gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)                    # rows past the groups give 0
+        up = jax.lax.ragged_dot(xs, w_up, group_sizes)
+        ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
     with jax.named_scope("moe/unpermute"):
-        ys = ys * r.weights.reshape(-1)[order][:, None].astype(ys.dtype)
+        slot_weight = jnp.where(experts < 0, 0, weights).reshape(-1)[order]
+        ys = ys * slot_weight[:, None].astype(ys.dtype)
         return jnp.zeros_like(x).at[token].add(ys)
+
+
+def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:
+    return grouped_experts(x, r.experts, r.weights, cast(p.w_gate, cfg), cast(p.w_up, cfg), cast(p.w_down, cfg))
 
 
 def sequence_balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> Float[Array, ""]:
@@ -120,13 +131,34 @@ def sequence_balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> Float[Arr
     return cfg.seq_aux_alpha * jnp.mean(jnp.sum(f * P, axis=-1))
 
 
+# Expert parallelism plugs in here (sharding.ep registers itself on import); the model stays
+# free of mesh code. Called as impl(p, x[N, D], routing, cfg) when the current mesh (jax.set_mesh)
+# has an `expert` axis larger than one.
+_expert_parallel_impl: Callable | None = None
+
+
+def set_expert_parallel(impl: Callable | None) -> None:
+    global _expert_parallel_impl
+    _expert_parallel_impl = impl
+
+
+def _expert_axis_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return dict(mesh.shape).get("expert", 1) if mesh is not None and not mesh.empty else 1
+
+
 def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig):
     """Returns the layer output, per-expert token counts [E] and the sequence balance loss."""
     B, T, D = x.shape
     flat = x.reshape(B * T, D)
     logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
     r = route(logits, p.bias[...] if cfg.router_bias else None, cfg)
-    out = routed_experts(p, flat, r, cfg)
+    if _expert_axis_size() > 1:
+        if _expert_parallel_impl is None:
+            raise RuntimeError("the mesh has an `expert` axis > 1: `import sharding` to enable expert parallelism")
+        out = _expert_parallel_impl(p, flat, r, cfg)
+    else:
+        out = routed_experts(p, flat, r, cfg)
     if cfg.num_shared_experts > 0:
         with jax.named_scope("moe/shared"):
             out = out + ffn(p.shared, flat, cfg)

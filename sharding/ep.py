@@ -1,0 +1,297 @@
+"""Expert parallelism on the `expert` mesh axis: DeepEP-style dispatch and combine.
+
+Inside `shard_map` over the expert axis, each of R ranks holds n tokens and El = E / R
+(physical) experts. DeepEP's vocabulary:
+- `get_dispatch_layout(topk_idx, num_experts, num_ranks)`: tokens per rank, tokens per expert,
+  is_token_in_rank.
+- Normal mode (training, prefill; dropless): each token travels once to every rank that holds
+  one of its experts, with its top-k ids made local (-1 for experts elsewhere) and its weights.
+  `dispatch` -> recv_x [R, n, D] (one block per source rank), recv_topk_idx, recv_topk_weights,
+  tokens per local expert, handle; `combine(y, handle)` sums the experts' (already weighted)
+  outputs back onto the source token. Backward of dispatch is combine and vice versa.
+  XLA:CPU lacks ragged-all-to-all, so blocks are padded to n rows (`all_to_all`); the layout
+  and results are those of the ragged exchange.
+- Low-latency mode (decode): fixed `max_tokens_per_rank` (M) buffers, static shapes, received
+  tokens packed per local expert [El, R * M, D], optional FP8 payload with 1x128 scales, and a
+  weighted combine.
+- Redundant experts: `logical_to_physical` maps logical top-k ids to physical replicas through an
+  EPLB placement (log2phy, logcnt), picking a replica deterministically from the token index.
+
+Letters: R ranks, n tokens on this rank, k top-k, D hidden, E physical experts, El local
+experts, M low-latency buffer rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Bool, Float, Int
+
+from model import moe as moe_lib
+from model.common import cast
+from model.config import ModelConfig
+
+AXIS = "expert"
+FP8_MAX = 448.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    num_tokens_per_rank: Int[Array, " R"]
+    num_tokens_per_expert: Int[Array, " E"]
+    is_token_in_rank: Bool[Array, "n R"]
+
+
+jax.tree_util.register_dataclass(Layout, data_fields=["num_tokens_per_rank", "num_tokens_per_expert",
+                                                      "is_token_in_rank"], meta_fields=[])
+
+
+def get_dispatch_layout(topk_idx: Int[Array, "n k"], num_experts: int, num_ranks: int) -> Layout:
+    """Where each token goes; topk_idx holds physical expert ids, -1 for none."""
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts={num_experts} must be divisible by num_ranks={num_ranks}")
+    valid = topk_idx >= 0
+    rank = jnp.where(valid, topk_idx // (num_experts // num_ranks), num_ranks)
+    in_rank = jnp.any(rank[:, :, None] == jnp.arange(num_ranks), axis=1)          # [n, R]
+    per_expert = jnp.bincount(jnp.where(valid, topk_idx, num_experts).reshape(-1), length=num_experts + 1)
+    return Layout(in_rank.sum(0).astype(jnp.int32), per_expert[:num_experts].astype(jnp.int32), in_rank)
+
+
+# ---- normal mode ------------------------------------------------------------------------------------
+
+def _exchange(blocks: Float[Array, "R n D"], axis: str) -> Float[Array, "R n D"]:
+    """Block d goes to rank d; the result's block s came from rank s."""
+    R = blocks.shape[0]
+    return jax.lax.all_to_all(blocks.reshape((R * blocks.shape[1],) + blocks.shape[2:]), axis, 0, 0,
+                              tiled=True).reshape(blocks.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _send(x: Float[Array, "n D"], in_rank: Bool[Array, "n R"], axis: str) -> Float[Array, "R n D"]:
+    return _exchange(jnp.where(in_rank.T[:, :, None], x[None], 0), axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _receive(y: Float[Array, "R n D"], in_rank: Bool[Array, "n R"], axis: str) -> Float[Array, "n D"]:
+    return jnp.sum(jnp.where(in_rank.T[:, :, None], _exchange(y, axis), 0), axis=0)
+
+
+def _send_fwd(x, in_rank, axis):
+    return _send(x, in_rank, axis), in_rank
+
+
+def _send_bwd(axis, in_rank, g):
+    return _receive(g, in_rank, axis), None           # backward of dispatch is combine
+
+
+def _receive_fwd(y, in_rank, axis):
+    return _receive(y, in_rank, axis), in_rank
+
+
+def _receive_bwd(axis, in_rank, g):
+    return _send(g, in_rank, axis), None              # backward of combine is dispatch
+
+
+_send.defvjp(_send_fwd, _send_bwd)
+_receive.defvjp(_receive_fwd, _receive_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Handle:
+    is_token_in_rank: Bool[Array, "n R"]
+
+
+jax.tree_util.register_dataclass(Handle, data_fields=["is_token_in_rank"], meta_fields=[])
+
+
+def dispatch(x: Float[Array, "n D"], topk_idx: Int[Array, "n k"], topk_weights: Float[Array, "n k"],
+             num_experts: int, axis: str = AXIS):
+    """Normal-mode dispatch (inside shard_map over `axis`).
+
+    Returns recv_x [R, n, D] (block s: tokens from rank s, zero rows where absent),
+    recv_topk_idx [R, n, k] (local expert ids, -1 elsewhere), recv_topk_weights [R, n, k],
+    num_recv_tokens_per_expert [El], handle.
+    """
+    R = jax.lax.axis_size(axis)
+    local = num_experts // R
+    layout = get_dispatch_layout(topk_idx, num_experts, R)
+    dest = jnp.where(topk_idx >= 0, topk_idx // local, -1)
+    ranks = jnp.arange(R)[:, None, None]
+    send_idx = jnp.where(dest[None] == ranks, topk_idx[None] - ranks * local, -1)          # [R, n, k]
+    send_w = jnp.where(dest[None] == ranks, topk_weights[None], 0)
+    recv_x = _send(x, layout.is_token_in_rank, axis)
+    recv_idx = _exchange(send_idx, axis)
+    recv_w = _exchange(send_w, axis)
+    counts = jnp.bincount(jnp.where(recv_idx >= 0, recv_idx, local).reshape(-1), length=local + 1)[:local]
+    return recv_x, recv_idx, recv_w, counts.astype(jnp.int32), Handle(layout.is_token_in_rank)
+
+
+def combine(y: Float[Array, "R n D"], handle: Handle, axis: str = AXIS) -> Float[Array, "n D"]:
+    """Normal-mode combine: sum each token's expert outputs from every rank it visited."""
+    return _receive(y, handle.is_token_in_rank, axis)
+
+
+# ---- low-latency mode -------------------------------------------------------------------------------
+
+def quantize_1x128(x: Float[Array, "M D"]) -> tuple[Array, Float[Array, "M G"]]:
+    """Per-token e4m3 with one scale per 128 columns (a whole row when D < 128)."""
+    M, D = x.shape
+    group = 128 if D % 128 == 0 else D
+    xg = x.astype(jnp.float32).reshape(M, D // group, group)
+    scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1), 1e-4) / FP8_MAX
+    q = (xg / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(M, D)
+    return q, scale
+
+
+def dequantize_1x128(q, scale) -> Float[Array, "M D"]:
+    M, D = q.shape
+    groups = scale.shape[-1]
+    return (q.astype(jnp.float32).reshape(M, groups, D // groups) * scale[..., None]).reshape(M, D)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowLatencyHandle:
+    topk_idx: Int[Array, "n k"]
+    num_tokens: int
+
+
+jax.tree_util.register_dataclass(LowLatencyHandle, data_fields=["topk_idx"], meta_fields=["num_tokens"])
+
+
+def low_latency_dispatch(x: Float[Array, "n D"], topk_idx: Int[Array, "n k"], max_tokens_per_rank: int,
+                         num_experts: int, *, fp8: bool = False, axis: str = AXIS):
+    """Returns packed_recv_x [El, R*M, D] (token t of rank s at row s*M + t), counts [El], handle."""
+    n, D = x.shape
+    R = jax.lax.axis_size(axis)
+    local, M = num_experts // R, max_tokens_per_rank
+    if n > M:
+        raise ValueError(f"{n} tokens on a rank exceed max_tokens_per_rank={M}; raise the buffer size")
+    hit = jnp.any(topk_idx[:, :, None] == jnp.arange(num_experts), axis=1)                 # [n, E]
+    hit = jnp.pad(hit, ((0, M - n), (0, 0))).T.reshape(R, local, M)                        # [R, El, M]
+    xp = jnp.pad(x, ((0, M - n), (0, 0)))
+    if fp8:
+        q, scale = quantize_1x128(xp)
+        send_q = jnp.where(hit[..., None], q[None, None], jnp.zeros((), q.dtype))
+        send_s = jnp.where(hit[..., None], scale[None, None], 0)
+        recv = jax.vmap(dequantize_1x128)(_exchange(send_q, axis).reshape(R * local, M, D),
+                                         _exchange(send_s, axis).reshape(R * local, M, -1))
+        recv = recv.reshape(R, local, M, D).astype(x.dtype)
+    else:
+        recv = _exchange(jnp.where(hit[..., None], xp[None, None], 0), axis)                # [R(src), El, M, D]
+    counts = jnp.sum(_exchange(hit, axis), axis=(0, 2))
+    packed = recv.transpose(1, 0, 2, 3).reshape(local, R * M, D)
+    return packed, counts.astype(jnp.int32), LowLatencyHandle(topk_idx, n)
+
+
+def low_latency_combine(y: Float[Array, "El RM D"], topk_weights: Float[Array, "n k"], handle: LowLatencyHandle,
+                        axis: str = AXIS) -> Float[Array, "n D"]:
+    """Weighted combine: out[t] = sum_j w[t, j] * y(expert topk_idx[t, j], token t)."""
+    local, RM, D = y.shape
+    R = jax.lax.axis_size(axis)
+    M = RM // R
+    back = _exchange(y.reshape(local, R, M, D).transpose(1, 0, 2, 3), axis)                # [R(dest), El, M, D]
+    per_expert = back.reshape(R * local, M, D)                                              # global expert id
+    idx = handle.topk_idx
+    rows = per_expert[jnp.maximum(idx, 0), jnp.arange(handle.num_tokens)[:, None]]          # [n, k, D]
+    w = jnp.where(idx >= 0, topk_weights, 0).astype(rows.dtype)
+    return jnp.einsum("nk,nkd->nd", w, rows)
+
+
+def _dense_local_experts(x: Float[Array, "El T D"], w_gate, w_up, w_down) -> Float[Array, "El T D"]:
+    h = jax.nn.silu(jnp.einsum("etd,edf->etf", x, w_gate)) * jnp.einsum("etd,edf->etf", x, w_up)
+    return jnp.einsum("etf,efd->etd", h, w_down)
+
+
+# ---- redundant experts --------------------------------------------------------------------------------
+
+def logical_to_physical(topk_idx: Int[Array, "N k"], log2phy: Int[Array, "E C"], logcnt: Int[Array, " E"],
+                        token_ids: Int[Array, " N"]) -> Int[Array, "N k"]:
+    """Pick a replica of each chosen logical expert: replica (token + slot) mod its replica count."""
+    k = topk_idx.shape[1]
+    replica = (token_ids[:, None] + jnp.arange(k)) % logcnt[topk_idx]
+    return log2phy[topk_idx, replica]
+
+
+# ---- the EP MoE layer -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EPOptions:
+    mode: Literal["normal", "low_latency"] = "normal"
+    fp8: bool = False                          # low-latency FP8 payload
+    max_tokens_per_rank: int | None = None     # low-latency buffer rows (default: tokens per rank)
+
+
+def _token_axes(mesh) -> tuple[str, ...]:
+    return tuple(a for a in ("data", "expert") if a in mesh.axis_names)
+
+
+def ep_routed_experts(x: Float[Array, "N D"], topk_idx: Int[Array, "N k"], topk_weights: Float[Array, "N k"],
+                      w_gate, w_up, w_down, *, mesh=None, options: EPOptions = EPOptions()) -> Float[Array, "N D"]:
+    """Routed experts with E (physical) experts sharded over the mesh's `expert` axis.
+
+    Tokens are split over (data, expert); expert weights [E, ...] over `expert`.
+    """
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    sizes = dict(mesh.shape)
+    R = sizes.get("expert", 1)
+    E = w_gate.shape[0]
+    if E % R:
+        raise ValueError(f"{E} physical experts do not divide over expert axis of size {R}")
+    extra = {a: s for a, s in sizes.items() if a not in ("data", "expert") and s > 1}
+    if extra:
+        raise ValueError(f"expert parallelism shards tokens over (data, expert); mesh axes {extra} must be 1 here")
+    shards = int(np.prod([sizes[a] for a in _token_axes(mesh)]))
+    if x.shape[0] % shards:
+        raise ValueError(f"{x.shape[0]} tokens do not divide over the {shards} (data x expert) shards")
+    tokens = P(_token_axes(mesh))
+    weights = P("expert")
+
+    def local(x, idx, w, wg, wu, wd):
+        if options.mode == "normal":
+            recv_x, recv_idx, recv_w, _, handle = dispatch(x, idx, w, E)
+            R_, n, D = recv_x.shape
+            y = moe_lib.grouped_experts(recv_x.reshape(R_ * n, D), recv_idx.reshape(R_ * n, -1),
+                                        recv_w.reshape(R_ * n, -1), wg, wu, wd)
+            return combine(y.reshape(R_, n, D), handle)
+        M = options.max_tokens_per_rank or x.shape[0]
+        packed, _, handle = low_latency_dispatch(x, idx, M, E, fp8=options.fp8)
+        y = _dense_local_experts(packed, wg, wu, wd)
+        return low_latency_combine(y, w, handle)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, weights, weights, weights),
+                      out_specs=tokens, check_vma=False)
+    return f(x, topk_idx, topk_weights, w_gate, w_up, w_down)
+
+
+def ep_moe(p: moe_lib.MoE, x: Float[Array, "N D"], r: moe_lib.Routing, cfg: ModelConfig, *, mesh=None,
+           options: EPOptions = EPOptions(), placement=None) -> Float[Array, "N D"]:
+    """The routed part of a DeepSeekMoE layer under expert parallelism.
+
+    placement: optional (phy2log [P], log2phy [E, C], logcnt [E]) of one layer (EPLB); physical
+    expert weights are gathered from the logical ones, so their gradients flow back to them.
+    """
+    wg, wu, wd = cast(p.w_gate, cfg), cast(p.w_up, cfg), cast(p.w_down, cfg)
+    idx = r.experts
+    if placement is not None:
+        phy2log, log2phy, logcnt = (jnp.asarray(a) for a in placement)
+        wg, wu, wd = wg[phy2log], wu[phy2log], wd[phy2log]
+        idx = logical_to_physical(idx, log2phy, logcnt, jnp.arange(idx.shape[0]))
+    return ep_routed_experts(x, idx, r.weights, wg, wu, wd, mesh=mesh, options=options)
+
+
+_OPTIONS = EPOptions()
+
+
+def set_options(options: EPOptions) -> None:
+    """Mode / FP8 / buffer size used when the model's MoE layers run under an `expert` mesh axis."""
+    global _OPTIONS
+    _OPTIONS = options
+
+
+moe_lib.set_expert_parallel(lambda p, x, r, cfg: ep_moe(p, x, r, cfg, options=_OPTIONS))

@@ -210,3 +210,20 @@ def test_lowers_for_cuda(variant):
     (b, sb) = fq.per_block_cast_to_fp8_reference(jnp.ones((256, 512)))
     exported = jax.export.export(jax.jit(VARIANTS[variant]), platforms=["cuda"])(a, sa, b, sb)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_benchmark_entries_dry_run(report):
+    """Each registered DeepGEMM entry: dry inputs, kernel (interpreted) vs reference, baselines run."""
+    import benchmarks.entries_deep_gemm  # noqa: F401  (registers on import)
+    from benchmarks import registry
+    entries = [e for e in registry._ENTRIES.values() if e.name.startswith("deep_gemm")]
+    assert len(entries) == 7 and all(e.peak == "fp8" for e in entries)
+    for entry in entries:
+        args = entry.make_inputs(True)
+        err = entry.error(entry.kernel(*args, interpret=INTERPRET), entry.reference(*args))
+        assert err < entry.tolerance, (entry.name, err)
+        for name, baseline in entry.baselines.items():
+            err_b = entry.error(baseline(*args), entry.reference(*args))
+            assert np.isfinite(err_b), (entry.name, name)
+        assert entry.flops(*args) > 0 and entry.bytes(*args) > 0
+        report(f"dry {entry.name}: calc_diff kernel vs reference {err:.2e}")

@@ -43,21 +43,24 @@ FP8 = jnp.float8_e4m3fn
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
     block_m: int = 64                # rows of A per CTA (one warpgroup: 64 rows of wgmma)
-    block_n: int = 128               # rows of B per CTA; a multiple of 128 (one B scale/step)
-    max_concurrent_steps: int = 4    # TMA pipeline depth over K
+    block_n: int = 128               # rows of B per CTA: 64 or 128, so one B scale per K step
+    max_concurrent_steps: int = 3    # TMA pipeline depth over K
 
     def __post_init__(self):
-        if self.block_m % 64:
-            raise ValueError(f"{self.block_m=} must be a multiple of 64 (wgmma M)")
-        if self.block_n != SCALE_BLOCK:
-            raise ValueError(f"{self.block_n=} must be {SCALE_BLOCK} (one B scale per K step)")
+        if self.block_m != 64:
+            raise ValueError(f"{self.block_m=} must be 64 (one warpgroup's wgmma M; 128 rows"
+                             " would need 256 fp32 registers per thread)")
+        if self.block_n not in (64, 128):
+            raise ValueError(f"{self.block_n=} must be 64 or 128 (one B scale per K step)")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"{self.max_concurrent_steps=} must be >= 1")
 
 
-def _config_for(m: int) -> TuningConfig:
-    """block_m 64 (the decode-friendly tile; 128 rows would need 256 fp32 registers/thread)."""
-    del m
+def _config_for(m: int, n: int) -> TuningConfig:
+    """Unmeasured heuristic (no GPU yet): small M has few tiles, so halve block_n to give
+    more CTAs to stream B, and deepen the pipeline; SMEM stays ~105 KB for 2 CTAs per SM."""
+    if m <= 128 and n % 64 == 0:
+        return TuningConfig(block_n=64, max_concurrent_steps=6)
     return TuningConfig()
 
 
@@ -86,7 +89,7 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
             return part_ref[...]
 
         part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))  # [bm, bn]
-        scale = sa_smem[0, :] * sb_gmem[ni, kb]                      # [bm]
+        scale = sa_smem[0, :] * sb_gmem[ni * bn // SCALE_BLOCK, kb]  # [bm]
         return acc + part * lax.broadcast_in_dim(scale, (bm, bn), [0])
 
     acc = plgpu.emit_pipeline(
@@ -208,7 +211,7 @@ def fp8_gemm_nt(
     """
     (a, sa), (b, sb) = a_sa, b_sb
     m, n, k = _check_operands(a, sa, b, sb, a_lead=(), b_lead=(), out_dtype=out_dtype)
-    config = config or _config_for(m)
+    config = config or _config_for(m, n)
     a_p = _pad_rows(a, 0, config.block_m)                         # [Mp, K]
     sa_t = _pad_rows(sa, 0, config.block_m).T                     # [KB, Mp]
     mp = a_p.shape[0]
@@ -238,7 +241,7 @@ def m_grouped_fp8_gemm_nt_contiguous(
     m, n, k = _check_operands(a, sa, b, sb, a_lead=(), b_lead=("G",), out_dtype=out_dtype)
     if m_indices.shape != (m,):
         raise ValueError(f"{m_indices.shape=} must be {(m,)}")
-    config = config or _config_for(m)
+    config = config or _config_for(m, n)
     if not isinstance(m_indices, jax.core.Tracer):
         idx = _pad_rows(jnp.asarray(m_indices, jnp.int32), 0, config.block_m, value=-1)
         bad = _misaligned_rows(idx, config.block_m, b.shape[0])
@@ -302,7 +305,7 @@ def m_grouped_fp8_gemm_nt_masked(
         raise ValueError(f"groups differ: {a.shape=} {b.shape=} {masked_m.shape=}")
     if expected_m < 0:
         raise ValueError(f"{expected_m=} must be >= 0")
-    config = config or _config_for(expected_m)
+    config = config or _config_for(expected_m, n)
     bm = config.block_m
     a_p = _pad_rows(a, 1, bm)                                      # [G, Mp, K]
     sa_t = jnp.swapaxes(_pad_rows(sa, 1, bm), 1, 2)                # [G, KB, Mp]

@@ -58,11 +58,15 @@ def check(out, ref64, absprod64, out_dtype, what):
     return float(np.abs(out - ref64).max())
 
 
-@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
-def test_dense_matches_float64(out_dtype, report):
-    m, n, k = 100, 256, 384                   # m pads to 128: two row tiles, 2 x 2 tiles, 3 K steps
+@pytest.mark.parametrize("out_dtype,config", [
+    (jnp.bfloat16, None),                                        # heuristic: block_n 64, 6 stages
+    (jnp.float32, fg.TuningConfig(block_n=128, max_concurrent_steps=2)),
+])
+def test_dense_matches_float64(out_dtype, config, report):
+    m, n, k = 100, 256, 384                   # m pads to 128: two row tiles; 3 K steps
     x, w, (a, sa), (b, sb) = quantise(jax.random.key(0), m, n, k)
-    out = fg.fp8_gemm_nt((a, sa), (b, sb), out_dtype=out_dtype, interpret=INTERPRET)
+    out = fg.fp8_gemm_nt((a, sa), (b, sb), out_dtype=out_dtype, interpret=INTERPRET,
+                         config=config)
     assert out.shape == (m, n) and out.dtype == out_dtype
     a64, b64 = dequant64(a, sa, False), dequant64(b, sb, True)
     err = check(out, a64 @ b64.T, np.abs(a64) @ np.abs(b64).T, out_dtype, "dense")
@@ -70,7 +74,7 @@ def test_dense_matches_float64(out_dtype, report):
     assert diff < 1e-3, diff
     ref = fg.fp8_gemm_nt_reference((a, sa), (b, sb), out_dtype=jnp.float32)
     check(ref, a64 @ b64.T, np.abs(a64) @ np.abs(b64).T, jnp.float32, "reference")
-    report(f"fp8_gemm_nt {m}x{n}x{k} {jnp.dtype(out_dtype).name}: max|err| vs f64 dequant "
+    report(f"fp8_gemm_nt {m}x{n}x{k} {jnp.dtype(out_dtype).name} {config}: max|err| vs f64 dequant "
            f"{err:.3g}, calc_diff vs unquantised {diff:.2e}")
 
 
@@ -166,8 +170,10 @@ def test_errors():
         fg.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b3, sb3), jnp.full(64, 3, jnp.int32))
     with pytest.raises(ValueError, match="groups differ"):
         fg.m_grouped_fp8_gemm_nt_masked((a[None], sa[None]), (b3, sb3), jnp.array([1, 2]), 1)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        fg.TuningConfig(block_m=96)
+    with pytest.raises(ValueError, match="must be 64"):
+        fg.TuningConfig(block_m=128)
+    with pytest.raises(ValueError, match="64 or 128"):
+        fg.TuningConfig(block_n=256)
 
 
 def test_contiguous_misaligned_under_jit_is_nan_not_wrong():
@@ -193,6 +199,8 @@ def test_dispatch_uses_reference_off_gpu():
 
 VARIANTS = {
     "dense": lambda a, sa, b, sb: fg.fp8_gemm_nt((a, sa), (b, sb)),
+    "dense_block_n128": lambda a, sa, b, sb: fg.fp8_gemm_nt((a, sa), (b, sb),
+                                                            config=fg.TuningConfig()),
     "dense_f32_padded_m": lambda a, sa, b, sb: fg.fp8_gemm_nt((a[:40], sa[:40]), (b, sb),
                                                               out_dtype=jnp.float32),
     "contiguous": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_contiguous(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 import os
 
 import grain
@@ -132,6 +133,35 @@ def make_dataset(corpus: Corpus | str | os.PathLike | grain.sources.RandomAccess
     return ds
 
 
-def make_loader(corpus, cfg: LoaderConfig) -> grain.DatasetIterator:
+def _tuples(x):
+    """JSON turns tuples into lists; Grain compares some state fields with tuple sentinels."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Loader:
+    """An iterator of packed batches whose state is a JSON-able dict (`get_state` / `set_state`)."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._it = iter(dataset)
+
+    def __iter__(self) -> Loader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return json.loads(json.dumps(self._it.get_state()))
+
+    def set_state(self, state: dict):
+        self._it.set_state(_tuples(state))
+
+    def close(self):
+        self._it.close()
+
+
+def make_loader(corpus, cfg: LoaderConfig) -> Loader:
     """An iterator of packed batches with `get_state()` / `set_state(state)` for checkpoints."""
-    return iter(make_dataset(corpus, cfg))
+    return Loader(make_dataset(corpus, cfg))

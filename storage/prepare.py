@@ -265,11 +265,12 @@ def _check_shard(root: Path, shard: dict, verify_checksum: bool):
     if size != shard["bytes"]:
         raise CorpusError(f"shard {path} is {size} bytes but the manifest says {shard['bytes']}: it is "
                           f"truncated or was replaced; {_fix(root)}")
-    reader = array_record_module.ArrayRecordReader(str(path), "readahead_buffer_size:0")
     try:
+        reader = array_record_module.ArrayRecordReader(str(path), "readahead_buffer_size:0")
         n = reader.num_records()
-    finally:
         reader.close()
+    except RuntimeError as e:
+        raise CorpusError(f"shard {path} cannot be opened ({e}): it is corrupt; {_fix(root)}") from None
     if n != shard["num_records"]:
         raise CorpusError(f"shard {path} holds {n} records but the manifest says {shard['num_records']}: "
                           f"it is truncated or corrupt; {_fix(root)}")

@@ -1,0 +1,167 @@
+"""Corpus preparation (ArrayRecord + manifest) and the Grain pipeline: shuffle, sharding, packing, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from storage import (ByteTokenizer, CorpusError, LoaderConfig, make_loader, open_corpus, prepare_corpus,
+                     prepare_embedded_corpus)
+from storage.dataset import CorpusSource, documents
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """~130k tokens of the embedded corpus in several shards."""
+    out = tmp_path_factory.mktemp("corpus")
+    prepare_embedded_corpus(out, max_tokens=1 << 17, shard_tokens=1 << 15, progress=False)
+    return out
+
+
+@pytest.fixture
+def text_files(tmp_path):
+    docs = [f"document {i}: " + "abc " * i for i in range(30)]
+    (tmp_path / "a.txt").write_text(docs[0])
+    (tmp_path / "b.txt").write_text(docs[1])
+    with open(tmp_path / "rest.jsonl", "w") as f:
+        for d in docs[2:]:
+            f.write(json.dumps({"id": 1, "body": d}) + "\n")
+    return tmp_path, docs
+
+
+def read_all(corpus_dir):
+    source = CorpusSource(corpus_dir)
+    return [source[i] for i in range(len(source))]
+
+
+def test_prepare_files_globs_jsonl_and_manifest(tmp_path, text_files):
+    src, docs = text_files
+    m = prepare_corpus([src / "*.txt", src / "rest.jsonl"], tmp_path / "out", jsonl_field="body",
+                       shard_tokens=200, progress=False)
+    got = read_all(tmp_path / "out")
+    assert [TOK.decode(d) for d in got] == docs
+    assert all(d[0] == TOK.bos_id and d[-1] == TOK.eos_id for d in got)
+    assert m["num_documents"] == len(docs) and m["num_tokens"] == sum(map(len, got))
+    assert len(m["shards"]) > 1 and sum(s["num_records"] for s in m["shards"]) == len(docs)
+    assert m["tokenizer"] == dict(kind="byte", vocab_size=258, bos_id=256, eos_id=257)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
+    open_corpus(tmp_path / "out", verify_checksums=True)
+
+
+def test_prepare_with_a_hugging_face_tokenizer(tmp_path, text_files):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    src, docs = text_files
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]", "<s>", "</s>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    m = prepare_corpus(src / "rest.jsonl", tmp_path / "out", tokenizer=tmp_path / "tokenizer.json",
+                       jsonl_field="body", progress=False)
+    assert m["tokenizer"]["kind"] == "huggingface" and m["tokenizer"]["bos_id"] == tok.token_to_id("<s>")
+    first = read_all(tmp_path / "out")[0]
+    assert first.tolist() == [tok.token_to_id("<s>")] + tok.encode(docs[2]).ids + [tok.token_to_id("</s>")]
+
+
+def test_embedded_corpus_is_deterministic_and_matches_the_byte_corpus(tmp_path, corpus_dir):
+    again = prepare_embedded_corpus(tmp_path, max_tokens=1 << 17, shard_tokens=1 << 15, progress=False)
+    assert again["checksum"] == open_corpus(corpus_dir).manifest["checksum"]
+    joined = np.concatenate(read_all(corpus_dir))
+    from storage import embedded_corpus
+    np.testing.assert_array_equal(joined[:50_000], embedded_corpus(max_bytes=50_000))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, corpus_dir, text_files):
+    src, _ = text_files
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        prepare_corpus(tmp_path / "nothing*.txt", tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="no field 'text'.*jsonl_field"):
+        prepare_corpus(src / "rest.jsonl", tmp_path / "o", progress=False)
+    with pytest.raises(CorpusError, match="manifest.json is missing.*re-run prepare_corpus"):
+        open_corpus(tmp_path)
+
+
+@pytest.fixture
+def damaged(tmp_path, text_files):
+    src, _ = text_files
+    prepare_corpus([src / "*.txt", src / "rest.jsonl"], tmp_path / "c", jsonl_field="body", progress=False)
+    return tmp_path / "c", tmp_path / "c" / "shard-00000.array_record"
+
+
+def test_truncated_shard_is_a_clear_error(damaged):
+    root, shard = damaged
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorpusError, match="shard-00000.array_record is .* bytes but the manifest says.*truncated"):
+        open_corpus(root)
+
+
+def test_corrupt_shard_is_a_clear_error(damaged):
+    root, shard = damaged
+    data = bytearray(shard.read_bytes())
+    data[80] ^= 0xFF                                  # inside the first chunk's data (after 24 + 40 header bytes)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorpusError, match="fails its sha256 checksum: it is corrupt; re-run"):
+        open_corpus(root, verify_checksums=True)
+    source = CorpusSource(root)                       # unverified open: reading the record fails clearly
+    with pytest.raises(CorpusError, match="shard .*shard-00000.array_record: record .* corrupt"):
+        [source[i] for i in range(len(source))]
+
+
+def test_shuffle_is_a_permutation_per_epoch_and_processes_are_disjoint(corpus_dir):
+    n = len(CorpusSource(corpus_dir))
+    source = list(range(n))                           # ids stand for documents; same dataset code
+    cfg = LoaderConfig(seq_len=8, batch_size=1, seed=5, num_epochs=2, process_index=0, process_count=1)
+    order = list(documents(source, cfg))
+    assert sorted(order[:n]) == sorted(order[n:]) == list(range(n))
+    assert order[:n] != order[n:] and order[:n] != list(range(n))
+    per_process = [list(documents(source, LoaderConfig(seq_len=8, batch_size=1, seed=5, num_epochs=1,
+                                                       process_index=p, process_count=2))) for p in (0, 1)]
+    assert not set(per_process[0]) & set(per_process[1])
+    assert sorted(per_process[0] + per_process[1]) == list(range(n))
+    assert abs(len(per_process[0]) - len(per_process[1])) <= 1
+
+
+def test_packed_batches_reconstruct_the_documents(corpus_dir):
+    docs = read_all(corpus_dir)
+    cfg = LoaderConfig(seq_len=64, batch_size=4, shuffle=False, num_epochs=1, process_index=0, process_count=1)
+    stream, pieces = [], 0
+    for batch in make_loader(corpus_dir, cfg):
+        for row in range(cfg.batch_size):
+            seg, pos, tok = batch["segment_ids"][row], batch["positions"][row], batch["tokens"][row]
+            for s in np.unique(seg[seg > 0]):
+                piece = seg == s
+                assert (pos[piece] == np.arange(piece.sum())).all()          # positions restart per piece
+                stream.append(tok[piece])
+                pieces += 1
+            valid = batch["weights"][row] > 0
+            assert (batch["targets"][row][valid] == tok[1:][valid[:-1]]).all()
+            assert (seg[1:][valid[:-1]] == seg[:-1][valid[:-1]]).all()       # never across a boundary
+    stream = np.concatenate(stream)
+    whole = np.concatenate(docs)
+    assert pieces >= len(docs)
+    np.testing.assert_array_equal(stream, whole[:len(stream)])                # only the tail is dropped
+    assert len(whole) - len(stream) < cfg.seq_len * cfg.batch_size
+
+
+def test_iterator_state_restores_exactly(corpus_dir):
+    cfg = LoaderConfig(seq_len=48, batch_size=3, seed=11)
+    it = make_loader(corpus_dir, cfg)
+    states, batches = [], []
+    for _ in range(12):
+        states.append(it.get_state())
+        batches.append(next(it))
+    for k in (0, 5, 9):
+        resumed = make_loader(corpus_dir, cfg)
+        resumed.set_state(json.loads(json.dumps(states[k])))                 # as a checkpoint stores it
+        for want in batches[k:]:
+            got = next(resumed)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"resume at {k}: {name}")
+
+
+def test_process_index_defaults_to_jax_and_is_validated():
+    assert LoaderConfig(seq_len=8, batch_size=1).process() == (0, 1)
+    with pytest.raises(ValueError, match="process_index=2 must be in"):
+        LoaderConfig(seq_len=8, batch_size=1, process_index=2, process_count=2).process()

@@ -93,11 +93,19 @@ def route(logits: Float[Array, "N E"], bias: Float[Array, " E"] | None, cfg: Mod
 
 def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
                     w_gate, w_up, w_down) -> Float[Array, "N D"]:
-    """Dropless grouped-GEMM SwiGLU experts: sort token copies by expert, ragged_dot, unsort, weight.
+    """Dropless SwiGLU experts, weighted and summed per token.
 
     experts[n, j] in [0, G) picks one of the G experts of w_* ([G, D, F], [G, D, F], [G, F, D]);
-    -1 marks an empty slot (expert parallelism: that expert lives on another rank).
+    -1 marks an empty slot (expert parallelism: that expert lives on another rank). Grouped GEMMs
+    (`ragged_experts`) on accelerators, the dense form on CPU (see `dense_experts`).
     """
+    impl = dense_experts if jax.default_backend() == "cpu" else ragged_experts
+    return impl(x, experts, weights, w_gate, w_up, w_down)
+
+
+def ragged_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                   w_gate, w_up, w_down) -> Float[Array, "N D"]:
+    """Grouped-GEMM experts: sort token copies by expert, ragged_dot, unsort, weight."""
     N, k = experts.shape
     G = w_gate.shape[0]
     with jax.named_scope("moe/permute"):
@@ -114,6 +122,24 @@ def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights:
         slot_weight = jnp.where(experts < 0, 0, weights).reshape(-1)[order]
         ys = ys * slot_weight[:, None].astype(ys.dtype)
         return jnp.zeros_like(x).at[token].add(ys)
+
+
+def dense_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                  w_gate, w_up, w_down) -> Float[Array, "N D"]:
+    """Every expert on every token, gated by a dense [N, G] weight matrix (zero where not chosen).
+
+    XLA:CPU has no grouped GEMM: its `ragged_dot` computes every group for every row, k times the
+    work of this form. Same results as the grouped path; used on CPU.
+    """
+    N, k = experts.shape
+    G = w_gate.shape[0]
+    with jax.named_scope("moe/gates"):
+        rows = jnp.broadcast_to(jnp.arange(N)[:, None], (N, k))
+        gates = jnp.zeros((N, G + 1), weights.dtype).at[rows, jnp.where(experts < 0, G, experts)].add(weights)
+    with jax.named_scope("moe/experts"):
+        h = jax.nn.silu(jnp.einsum("nd,gdf->ngf", x, w_gate)) * jnp.einsum("nd,gdf->ngf", x, w_up)
+        h = h * gates[:, :G, None].astype(h.dtype)
+        return jnp.einsum("ngf,gfd->nd", h, w_down)
 
 
 def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:

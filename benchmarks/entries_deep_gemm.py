@@ -52,15 +52,16 @@ def _operands(lead: tuple, m: int, n: int, k: int, seed: int):
     return a, sa, b, sb, a16, b16
 
 
-def _scale_cols(sb):  # [.., NB, KB] -> [.., 1, N]: B's first-K-block scale per column
-    return jnp.repeat(sb[..., :, 0], fg.SCALE_BLOCK, axis=-1)[..., None, :]
+def _scale_cols(sb, n: int):  # [.., NB, KB] -> [.., 1, N]: B's first-K-block scale per column
+    return jnp.repeat(sb[..., :, 0], fg.SCALE_BLOCK, axis=-1)[..., None, :n]
 
 
 # --- dense ------------------------------------------------------------------------------
 
 def _dense(m, n, k):
     def make_inputs(dry: bool):
-        mm, nn, kk = (min(m, 64) + 36, 256, 256) if dry else (m, n, k)
+        # Dry: a padded M, and an N that is not a multiple of 128 where the real one is not.
+        mm, nn, kk = (min(m, 64) + 36, 192 if n % 128 else 256, 256) if dry else (m, n, k)
         return _operands((), mm, nn, kk, seed=0)
 
     def kernel(a, sa, b, sb, a16, b16, interpret=False):
@@ -73,7 +74,7 @@ def _dense(m, n, k):
     def xla_fp8_dot(a, sa, b, sb, a16, b16):
         acc = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)      # [M, N]
-        return (acc * sa[:, :1] * _scale_cols(sb)[0]).astype(jnp.bfloat16)
+        return (acc * sa[:, :1] * _scale_cols(sb, b.shape[0])[0]).astype(jnp.bfloat16)
 
     @jax.jit
     def bf16_dot(a, sa, b, sb, a16, b16):
@@ -118,7 +119,7 @@ def _contiguous(groups, m_per_group, n, k):
         g = b.shape[0]
         acc = jnp.einsum("gmk,gnk->gmn", a.reshape(g, -1, a.shape[1]), b,
                          preferred_element_type=jnp.float32)
-        scaled = acc * sa[:, :1].reshape(g, -1, 1) * _scale_cols(sb)
+        scaled = acc * sa[:, :1].reshape(g, -1, 1) * _scale_cols(sb, b.shape[1])
         return scaled.reshape(a.shape[0], -1).astype(jnp.bfloat16)
 
     @jax.jit
@@ -164,7 +165,7 @@ def _masked(groups, m_max, n, k, expected_m):
     @jax.jit
     def xla_fp8_dot(a, sa, b, sb, masked_m, a16, b16):
         acc = jnp.einsum("gmk,gnk->gmn", a, b, preferred_element_type=jnp.float32)
-        return (acc * sa[..., :1] * _scale_cols(sb)).astype(jnp.bfloat16)
+        return (acc * sa[..., :1] * _scale_cols(sb, b.shape[1])).astype(jnp.bfloat16)
 
     @jax.jit
     def bf16_dot(a, sa, b, sb, masked_m, a16, b16):

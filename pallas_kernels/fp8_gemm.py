@@ -16,8 +16,10 @@ fp8 wgmma requires) and the A scales [block_m] (A's scales are transposed to [KB
 wrapper so a tile's scales are one contiguous TMA box, as DeepGEMM does); B's scale is one
 scalar per step read from GMEM. The epilogue writes the tile through SMEM with a TMA store.
 
-Shapes outside the kernel's constraints: K and N must be multiples of 128 (the scale
-granularity; ValueError otherwise); M is padded to a multiple of block_m by the wrappers.
+Shapes outside the kernel's constraints: K must be a multiple of 128 (the scale granularity;
+ValueError otherwise). As in DeepGEMM, B's scales have ceil(N/128) rows, so any N works: N a
+multiple of 64 runs natively (block_n 64 when N is not a multiple of 128, e.g. 2112), other N
+pad B with zero rows up to block_n and slice the output. M pads to a multiple of block_m.
 """
 
 from __future__ import annotations
@@ -58,10 +60,27 @@ class TuningConfig:
 
 def _config_for(m: int, n: int) -> TuningConfig:
     """Unmeasured heuristic (no GPU yet): small M has few tiles, so halve block_n to give
-    more CTAs to stream B, and deepen the pipeline; SMEM stays ~105 KB for 2 CTAs per SM."""
-    if m <= 128 and n % 64 == 0:
+    more CTAs to stream B, and deepen the pipeline; SMEM stays ~115 KB for 2 CTAs per SM.
+    N not a multiple of 128 takes block_n 64 too (no padding when N % 64 == 0)."""
+    if m <= 128:
         return TuningConfig(block_n=64, max_concurrent_steps=6)
+    if n % 128:
+        return TuningConfig(block_n=64, max_concurrent_steps=4)
     return TuningConfig()
+
+
+def _pad_n(b, sb, block_n: int):
+    """B [.., N, K] -> [.., Np, K] with zero rows (Np a multiple of block_n); sb gets zero rows
+    up to ceil(Np/128). Zero rows of B only feed output columns that are sliced off."""
+    n = b.shape[-2]
+    n_pad = -(-n // block_n) * block_n
+    if n_pad == n:
+        return b, sb
+    widths = [(0, 0)] * b.ndim
+    widths[-2] = (0, n_pad - n)
+    sb_widths = [(0, 0)] * sb.ndim
+    sb_widths[-2] = (0, -(-n_pad // SCALE_BLOCK) - sb.shape[-2])
+    return jnp.pad(b, widths), jnp.pad(sb, sb_widths)
 
 
 # --- 2. kernel ---------------------------------------------------------------------------
@@ -177,9 +196,7 @@ def _check_operands(a, sa, b, sb, *, a_lead: tuple, b_lead: tuple, out_dtype):
         raise ValueError(f"contracting dims differ: {a.shape=} {b.shape=}")
     if k % SCALE_BLOCK:
         raise ValueError(f"{k=} must be a multiple of {SCALE_BLOCK} (the scale block)")
-    if n % SCALE_BLOCK:
-        raise ValueError(f"{n=} must be a multiple of {SCALE_BLOCK} (B's scale block)")
-    kb, nb = k // SCALE_BLOCK, n // SCALE_BLOCK
+    kb, nb = k // SCALE_BLOCK, -(-n // SCALE_BLOCK)
     if sa.shape != (*a.shape[:-1], kb):
         raise ValueError(f"{sa.shape=} must be {(*a.shape[:-1], kb)} for {a.shape=}")
     if sb.shape != (*b.shape[:-2], nb, kb):
@@ -206,7 +223,7 @@ def fp8_gemm_nt(
 ) -> Float[Array, "M N"]:
     """D[m, n] = Σ_k A[m, k]·sa[m, k//128]·B[n, k]·sb[n//128, k//128] (the Mosaic GPU kernel).
 
-    a e4m3 [M, K], sa f32 [M, K/128], b e4m3 [N, K], sb f32 [N/128, K/128].
+    a e4m3 [M, K], sa f32 [M, K/128], b e4m3 [N, K], sb f32 [ceil(N/128), K/128].
     interpret: True (or an InterpretGPUParams) runs the kernel in the GPU interpreter on CPU.
     """
     (a, sa), (b, sb) = a_sa, b_sb
@@ -214,11 +231,12 @@ def fp8_gemm_nt(
     config = config or _config_for(m, n)
     a_p = _pad_rows(a, 0, config.block_m)                         # [Mp, K]
     sa_t = _pad_rows(sa, 0, config.block_m).T                     # [KB, Mp]
-    mp = a_p.shape[0]
+    b_p, sb_p = _pad_n(b, sb, config.block_n)                     # [Np, K], [ceil(Np/128), KB]
+    mp, n_pad = a_p.shape[0], b_p.shape[0]
     body = functools.partial(_dense_kernel, k=k, config=config)
-    out = _launch(body, (mp, n), out_dtype, (n // config.block_n, mp // config.block_m),
-                  ("n", "m"), interpret, a_p, b, sa_t, sb)
-    return out[:m]
+    out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // config.block_m),
+                  ("n", "m"), interpret, a_p, b_p, sa_t, sb_p)
+    return out[:m, :n]
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
@@ -261,12 +279,13 @@ def _contiguous_impl(a, sa, b, sb, m_indices, *, out_dtype, interpret, config):
     bad = _misaligned_rows(idx, bm, groups)                        # [Mp] bool
     a_p = _pad_rows(a, 0, bm)
     sa_t = _pad_rows(sa, 0, bm).T                                  # [KB, Mp]
-    mp = a_p.shape[0]
+    b_p, sb_p = _pad_n(b, sb, config.block_n)                      # [G, Np, K]
+    mp, n_pad = a_p.shape[0], b_p.shape[1]
     body = functools.partial(_contiguous_kernel, k=k, config=config)
     tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, _tile_groups(idx, bm))  # [Mp/bm]
-    out = _launch(body, (mp, n), out_dtype, (n // config.block_n, mp // bm), ("n", "m"),
-                  interpret, tile_idx, a_p, b, sa_t, sb)
-    out = jnp.where((idx >= 0)[:, None], out, 0)
+    out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // bm),
+                  ("n", "m"), interpret, tile_idx, a_p, b_p, sa_t, sb_p)
+    out = jnp.where((idx >= 0)[:, None], out[:, :n], 0)
     return jnp.where(bad[:, None], jnp.nan, out).astype(out_dtype)[:m]
 
 
@@ -309,14 +328,16 @@ def m_grouped_fp8_gemm_nt_masked(
     bm = config.block_m
     a_p = _pad_rows(a, 1, bm)                                      # [G, Mp, K]
     sa_t = jnp.swapaxes(_pad_rows(sa, 1, bm), 1, 2)                # [G, KB, Mp]
-    mp = a_p.shape[1]
+    b_p, sb_p = _pad_n(b, sb, config.block_n)                      # [G, Np, K]
+    mp, n_pad = a_p.shape[1], b_p.shape[1]
     valid = jnp.clip(masked_m.astype(jnp.int32), 0, m_max)         # [G]
     body = functools.partial(_masked_kernel, k=k, config=config)
-    out = _launch(body, (groups, mp, n), out_dtype,
-                  (groups, n // config.block_n, mp // bm), ("g", "n", "m"),
-                  interpret, valid, a_p, b, sa_t, sb)
+    out = _launch(body, (groups, mp, n_pad), out_dtype,
+                  (groups, n_pad // config.block_n, mp // bm), ("g", "n", "m"),
+                  interpret, valid, a_p, b_p, sa_t, sb_p)
     rows = jnp.arange(m_max)[None, :, None]                        # [1, Mmax, 1]
-    return jnp.where(rows < valid[:, None, None], out[:, :m_max], 0).astype(out_dtype)
+    out = out[:, :m_max, :n]
+    return jnp.where(rows < valid[:, None, None], out, 0).astype(out_dtype)
 
 
 # --- dispatch: the kernel on Hopper, the reference elsewhere ------------------------------
@@ -354,9 +375,9 @@ def dequantize_rows(x: Float[Array, "... R K"], s: Float[Array, "... R KB"]) -> 
 
 
 def dequantize_blocks(x: Float[Array, "... N K"], s: Float[Array, "... NB KB"]) -> Array:
-    """x·s with one scale per 128x128 block -> f32."""
+    """x·s with one scale per 128x128 block (ceil(N/128) block rows) -> f32."""
     s = jnp.repeat(jnp.repeat(s, SCALE_BLOCK, axis=-2), SCALE_BLOCK, axis=-1)
-    return x.astype(jnp.float32) * s
+    return x.astype(jnp.float32) * s[..., : x.shape[-2], :]
 
 
 _HI = lax.Precision.HIGHEST

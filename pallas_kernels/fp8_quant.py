@@ -2,7 +2,8 @@
 
 per_token_cast_to_fp8: one scale per 1x128 tile (activations), x [M, K] -> (e4m3 [M, K],
 f32 [M, K/128]). per_block_cast_to_fp8: one scale per 128x128 block (weights), w [N, K] ->
-(e4m3 [N, K], f32 [N/128, K/128]). scale = max(amax, 1e-4)/448 and q = x/scale, so that
+(e4m3 [N, K], f32 [ceil(N/128), K/128]; a last partial block is padded with zeros as
+DeepGEMM does). scale = max(amax, 1e-4)/448 and q = x/scale, so that
 x ≈ q·scale; with ue8m0=True the scale is rounded up to a power of two (UE8M0).
 
 Kernel: one CTA per [block_rows, 128] tile: TMA load to SMEM, amax per row (per token) or over
@@ -89,8 +90,6 @@ def _cast(x, *, rows: int, per_block: bool, ue8m0: bool, interpret):
         raise ValueError(f"{x.dtype=} must be bfloat16 or float32")
     if k % BLOCK:
         raise ValueError(f"{k=} must be a multiple of {BLOCK}")
-    if per_block and m % BLOCK:
-        raise ValueError(f"{m=} must be a multiple of {BLOCK} for 128x128 block scales")
     pad = -m % rows
     x_p = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
     mp = x_p.shape[0]
@@ -125,9 +124,9 @@ def per_token_cast_to_fp8(
 def per_block_cast_to_fp8(
     w: Float[Array, "N K"], ue8m0: bool = False, interpret=False,
 ) -> tuple[Float[Array, "N K"], Float[Array, "NB KB"]]:
-    """w [N, K] -> (e4m3 [N, K], scales f32 [N/128, K/128]), one scale per 128x128 block."""
+    """w [N, K] -> (e4m3 [N, K], scales f32 [ceil(N/128), K/128]), one per 128x128 block."""
     y, s_rows = _cast(w, rows=BLOCK, per_block=True, ue8m0=ue8m0, interpret=interpret)
-    return y, s_rows[::BLOCK]                                     # [N, K], [N/128, K/128]
+    return y, s_rows[::BLOCK]                                     # [N, K], [NB, K/128]
 
 
 # --- 5. references -----------------------------------------------------------------------
@@ -141,6 +140,7 @@ def per_token_cast_to_fp8_reference(x: Float[Array, "M K"], ue8m0: bool = False)
 
 def per_block_cast_to_fp8_reference(w: Float[Array, "N K"], ue8m0: bool = False):
     n, k = w.shape
-    wb = w.astype(jnp.float32).reshape(n // BLOCK, BLOCK, k // BLOCK, BLOCK)
+    w = jnp.pad(w.astype(jnp.float32), ((0, -n % BLOCK), (0, 0)))  # zero rows: amax unchanged
+    wb = w.reshape(-1, BLOCK, k // BLOCK, BLOCK)                   # [NB, 128, KB, 128]
     scale = _scales(jnp.max(jnp.abs(wb), axis=(1, 3)), ue8m0)     # [NB, KB]
-    return (wb / scale[:, None, :, None]).astype(FP8).reshape(n, k), scale
+    return (wb / scale[:, None, :, None]).astype(FP8).reshape(-1, k)[:n], scale

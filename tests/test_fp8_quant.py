@@ -57,8 +57,19 @@ def test_per_block_matches_reference(ue8m0):
 def test_quant_errors():
     with pytest.raises(ValueError, match="multiple of 128"):
         fq.per_token_cast_to_fp8(jnp.ones((4, 100)))
-    with pytest.raises(ValueError, match="128x128"):
-        fq.per_block_cast_to_fp8(jnp.ones((100, 128)))
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        fq.per_block_cast_to_fp8(jnp.ones((128, 128), jnp.int32))
+
+
+def test_per_block_partial_last_block():
+    """N = 200: the last block row has 72 rows; its scale comes from them alone."""
+    w = jax.random.normal(jax.random.key(4), (200, 256))
+    q, s = fq.per_block_cast_to_fp8(w, interpret=INTERPRET)
+    q_ref, s_ref = fq.per_block_cast_to_fp8_reference(w)
+    assert q.shape == (200, 256) and s.shape == (2, 2)
+    assert _bits_equal(q, q_ref) and np.array_equal(s, s_ref)
+    np.testing.assert_allclose(np.asarray(s[1, 0]), np.abs(np.asarray(w)[128:, :128]).max() / 448,
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])

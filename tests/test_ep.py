@@ -167,3 +167,20 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="exceed max_tokens_per_rank"):
         jax.jit(lambda l, x: _routed(l, x, mesh, EPOptions("low_latency", max_tokens_per_rank=2), None))(
             layer, jnp.ones((32, CFG.d_model)))
+
+
+def test_node_limited_routing_bounds_ranks_per_token():
+    """With one expert group per EP rank, group-limited routing is V3's node limit: <= M ranks a token."""
+    cfg = model.ModelConfig.preset("tiny", d_model=32, moe_ffn_dim=16, num_routed_experts=32,
+                                   num_expert_groups=8, num_limited_groups=3, num_experts_per_tok=8)
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (8 * 8, cfg.d_model))
+    r = route(jnp.einsum("nd,de->ne", x, layer.router[...]), layer.bias[...], cfg)
+    mesh = _mesh(8)
+
+    def f(idx):
+        layout = sharding.get_dispatch_layout(idx, cfg.num_routed_experts, 8)
+        return layout.is_token_in_rank.sum(-1)
+
+    ranks_per_token = np.asarray(_run_local(mesh, f, r.experts))
+    assert ranks_per_token.max() <= 3 and ranks_per_token.min() >= 1

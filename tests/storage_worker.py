@@ -28,7 +28,7 @@ import model  # noqa: E402
 from storage import Checkpointer, LoaderConfig, make_loader  # noqa: E402
 
 CFG = model.ModelConfig.preset("tiny", d_model=64, moe_ffn_dim=32, dense_ffn_dim=96, num_layers=2,
-                               max_seq_len=64)
+                               max_seq_len=64, mtp_depth=0)
 LOADER = LoaderConfig(seq_len=32, batch_size=2, seed=7)
 
 

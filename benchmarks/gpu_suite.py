@@ -1,0 +1,141 @@
+"""The GPU suite: run it whenever an H200 is lent (one call, under 8 minutes).
+
+    PYTHONPATH=. python -m benchmarks.gpu_suite            # on the GPU: ceilings, every entry, table
+    PYTHONPATH=. python -m benchmarks.gpu_suite --quick    # fewer shapes, fewer repetitions
+    PYTHONPATH=. python -m benchmarks.gpu_suite --dry-run  # CPU: tiny shapes, kernels interpreted
+
+1. Ceilings, measured through XLA: device-to-device copy GB/s, large bf16 and fp8 matmul TFLOP/s.
+2. Every registered kernel entry (benchmarks/registry.py): correctness of the kernel compiled on
+   the GPU against its reference, then its time against the ceiling that bounds it and against
+   each XLA baseline in the same run.
+3. A short table last; appended to BENCHMARKS.md (not in a dry run).
+
+Imports only jax and numpy beyond the repo, so it runs on the GPU machine without installing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import registry
+from benchmarks.report import publish, table
+
+BUDGET_S = 8 * 60
+
+
+@dataclasses.dataclass
+class Ceilings:
+    copy_gbs: float
+    bf16_tflops: float
+    fp8_tflops: float
+
+
+def time_fn(f, *args, repeat: int = 10, warmup: int = 2) -> float:
+    """Median seconds of one call, after warm-up (compilation) calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_ceilings(dry: bool, repeat: int) -> Ceilings:
+    n_copy = 1 << (12 if dry else 28)                     # 2^28 bf16 = 512 MiB each way on the GPU
+    x = jnp.ones((n_copy,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1) + jnp.bfloat16(0))
+    t_copy = time_fn(copy, x, repeat=repeat)
+    m = 128 if dry else 8192
+    a = jax.random.normal(jax.random.key(0), (m, m), jnp.float32).astype(jnp.bfloat16)
+    t_bf16 = time_fn(jax.jit(lambda a, b: a @ b), a, a, repeat=repeat)
+    a8 = a.astype(jnp.float8_e4m3fn)
+    fp8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                   preferred_element_type=jnp.bfloat16))
+    t_fp8 = time_fn(fp8, a8, a8, repeat=repeat)
+    return Ceilings(2 * x.nbytes / t_copy / 1e9, 2 * m ** 3 / t_bf16 / 1e12, 2 * m ** 3 / t_fp8 / 1e12)
+
+
+def run_entry(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat: int) -> dict:
+    row = dict(name=entry.name, ok=False, error=float("nan"), kernel_ms=float("nan"), tflops=float("nan"),
+               gbs=float("nan"), roof=float("nan"), vs_xla=float("nan"), note="")
+    try:
+        args = entry.make_inputs(dry)
+        kernel = jax.jit(lambda *a: entry.kernel(*a, interpret=dry))
+        out = jax.block_until_ready(kernel(*args))
+        ref = jax.block_until_ready(jax.jit(entry.reference)(*args))
+        row["error"] = float(entry.error(out, ref))
+        row["ok"] = bool(row["error"] < entry.tolerance)            # a NaN error fails too
+        if dry:
+            row["note"] = "dry run: interpreted, not timed"
+            return row
+        t = time_fn(kernel, *args, repeat=repeat)
+        row["kernel_ms"] = t * 1e3
+        row["tflops"] = entry.flops(*args) / t / 1e12
+        row["gbs"] = entry.bytes(*args) / t / 1e9
+        if entry.bound == "memory":
+            row["roof"] = row["gbs"] / ceilings.copy_gbs
+        else:
+            row["roof"] = row["tflops"] / (ceilings.fp8_tflops if entry.peak == "fp8" else ceilings.bf16_tflops)
+        baseline_times = {name: time_fn(jax.jit(fn), *args, repeat=repeat) for name, fn in entry.baselines.items()}
+        if baseline_times:
+            best = min(baseline_times, key=baseline_times.get)
+            row["vs_xla"] = baseline_times[best] / t
+            row["note"] = "vs " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in baseline_times.items())
+    except Exception as exc:                                       # one entry's failure must not stop the run
+        row["note"] = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        traceback.print_exc()
+        if dry:
+            try:
+                from jax._src.pallas.mosaic_gpu.interpret.params import reset_gpu_interpret_mode_state
+                reset_gpu_interpret_mode_state()
+            except ImportError:
+                pass
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="only entries marked quick, 3 repetitions")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, kernels interpreted, nothing timed")
+    p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    p.add_argument("--only", default="", help="run entries whose name contains this text")
+    args = p.parse_args(argv)
+    dry = args.dry_run
+    repeat = 3 if (args.quick or dry) else 10
+    start = time.perf_counter()
+    ceilings = measure_ceilings(dry, repeat)
+    print(f"ceilings: copy {ceilings.copy_gbs:.1f} GB/s, bf16 {ceilings.bf16_tflops:.1f} TFLOP/s, "
+          f"fp8 {ceilings.fp8_tflops:.1f} TFLOP/s ({jax.devices()[0].device_kind})", flush=True)
+    rows = []
+    for entry in registry.entries():
+        if args.only not in entry.name or (args.quick and not entry.quick):
+            continue
+        if time.perf_counter() - start > BUDGET_S:
+            rows.append(dict(name=entry.name, ok=False, note="skipped: time budget spent"))
+            continue
+        rows.append(run_entry(entry, ceilings, dry, repeat))
+        r = rows[-1]
+        print(f"{r['name']}: {'ok' if r['ok'] else 'FAIL'} err={r['error']:.2e} {r['kernel_ms']:.3g} ms "
+              f"{r['note']}", flush=True)
+    fmt = lambda v, scale=1.0: "-" if v is None or v != v else f"{v * scale:.3g}"  # noqa: E731
+    body = (f"Ceilings (XLA): copy {ceilings.copy_gbs:.1f} GB/s, bf16 matmul {ceilings.bf16_tflops:.1f} TFLOP/s, "
+            f"fp8 matmul {ceilings.fp8_tflops:.1f} TFLOP/s. Wall time {time.perf_counter() - start:.0f} s.\n\n"
+            + table(["entry", "correct", "error", "ms", "TFLOP/s", "GB/s", "% of ceiling", "x XLA", "note"],
+                    [[r["name"], "yes" if r["ok"] else "NO", fmt(r.get("error")), fmt(r.get("kernel_ms")),
+                      fmt(r.get("tflops")), fmt(r.get("gbs")), fmt(r.get("roof"), 100), fmt(r.get("vs_xla")),
+                      r.get("note", "")] for r in rows]))
+    publish("GPU suite" + (" (dry run)" if dry else ""), body, write=not (args.no_write or dry))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

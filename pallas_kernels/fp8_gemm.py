@@ -15,6 +15,9 @@ The kernel: one CTA per (block_m x block_n) output tile; a TMA pipeline of
 fp8 wgmma requires) and the A scales [block_m] (A's scales are transposed to [KB, M] by the
 wrapper so a tile's scales are one contiguous TMA box, as DeepGEMM does); B's scale is one
 scalar per step read from GMEM. The epilogue writes the tile through SMEM with a TMA store.
+block_m 128 is warp specialized as in DeepGEMM: two compute warpgroups (64 rows each, sharing
+the B stage) and one producer warpgroup issuing the TMA loads; block_m 64 (small M) is one
+warpgroup that does both.
 
 Shapes outside the kernel's constraints: K must be a multiple of 128 (the scale granularity;
 ValueError otherwise). As in DeepGEMM, B's scales have ceil(N/128) rows, so any N works: N a
@@ -44,29 +47,34 @@ FP8 = jnp.float8_e4m3fn
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-    block_m: int = 64                # rows of A per CTA (one warpgroup: 64 rows of wgmma)
-    block_n: int = 128               # rows of B per CTA: 64 or 128, so one B scale per K step
-    max_concurrent_steps: int = 3    # TMA pipeline depth over K
+    block_m: int = 128               # 64: one warpgroup computes and loads; 128: two compute
+                                     # warpgroups of 64 rows + a TMA producer warpgroup
+    block_n: int = 128               # 64 or 128, so one B scale per K step
+    max_concurrent_steps: int = 4    # TMA pipeline depth over K
 
     def __post_init__(self):
-        if self.block_m != 64:
-            raise ValueError(f"{self.block_m=} must be 64 (one warpgroup's wgmma M; 128 rows"
-                             " would need 256 fp32 registers per thread)")
+        if self.block_m not in (64, 128):
+            raise ValueError(f"{self.block_m=} must be 64 or 128 (64 rows per compute "
+                             "warpgroup: a 128-row accumulator would need 256 registers/thread)")
         if self.block_n not in (64, 128):
             raise ValueError(f"{self.block_n=} must be 64 or 128 (one B scale per K step)")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"{self.max_concurrent_steps=} must be >= 1")
 
+    @property
+    def warp_specialized(self) -> bool:
+        return self.block_m == 128
+
 
 def _config_for(m: int, n: int) -> TuningConfig:
-    """Unmeasured heuristic (no GPU yet): small M has few tiles, so halve block_n to give
-    more CTAs to stream B, and deepen the pipeline; SMEM stays ~115 KB for 2 CTAs per SM.
-    N not a multiple of 128 takes block_n 64 too (no padding when N % 64 == 0)."""
+    """Unmeasured heuristic (no GPU yet). Small M (decode): 64-row tiles, one warpgroup per
+    CTA, block_n 64 so more CTAs stream B, a deep pipeline (~115 KB SMEM, 2 CTAs per SM).
+    Otherwise 128x128 tiles: two compute warpgroups share each B tile (half the SMEM traffic
+    per FLOP of a 64-row tile) fed by a producer warpgroup (~162 KB SMEM with a bf16 out).
+    N not a multiple of 128 takes block_n 64 (no padding when N % 64 == 0)."""
     if m <= 128:
-        return TuningConfig(block_n=64, max_concurrent_steps=6)
-    if n % 128:
-        return TuningConfig(block_n=64, max_concurrent_steps=4)
-    return TuningConfig()
+        return TuningConfig(block_m=64, block_n=64, max_concurrent_steps=6)
+    return TuningConfig(block_n=64 if n % 128 else 128)
 
 
 def _pad_n(b, sb, block_n: int):
@@ -99,37 +107,59 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
     sb_gmem [NB, KB] f32, o_gmem [M, N]; mi, ni: the tile's block indices.
     """
     bm, bn = config.block_m, config.block_n
+    wg_rows = 64                                                     # rows per compute warpgroup
+    in_specs = [
+        plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled(bm)),
+        plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled(bn)),
+        plgpu.BlockSpec((1, bm), lambda kb: (kb, mi)),
+    ]
 
-    def k_step(idx, a_smem, b_smem, sa_smem, acc):
+    def k_step(rows, idx, a_smem, b_smem, sa_smem, acc):
+        """acc [64, bn] += (A[rows]·Bᵀ over one 128-wide K block) · sa · sb, in fp32."""
         (kb,) = idx
 
-        def mma(part_ref):  # fresh fp32 accumulator for this 128-wide K block
-            plgpu.wgmma(part_ref, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+        def mma(part_ref):  # fresh fp32 accumulator for this K block
+            plgpu.wgmma(part_ref, a_smem.at[rows], plgpu.transpose_ref(b_smem, (1, 0)))
             return part_ref[...]
 
-        part = pl.run_scoped(mma, plgpu.ACC((bm, bn), jnp.float32))  # [bm, bn]
-        scale = sa_smem[0, :] * sb_gmem[ni * bn // SCALE_BLOCK, kb]  # [bm]
-        return acc + part * lax.broadcast_in_dim(scale, (bm, bn), [0])
+        part = pl.run_scoped(mma, plgpu.ACC((wg_rows, bn), jnp.float32))   # [64, bn]
+        scale = sa_smem[0, rows] * sb_gmem[ni * bn // SCALE_BLOCK, kb]      # [64]
+        return acc + part * lax.broadcast_in_dim(scale, (wg_rows, bn), [0])
 
-    acc = plgpu.emit_pipeline(
-        k_step,
-        grid=(k // SCALE_BLOCK,),
-        in_specs=[
-            plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled(bm)),
-            plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled(bn)),
-            plgpu.BlockSpec((1, bm), lambda kb: (kb, mi)),
-        ],
-        max_concurrent_steps=config.max_concurrent_steps,
-        init_carry=jnp.zeros((bm, bn), jnp.float32),
-    )(a_gmem, b_gmem, sa_gmem)
-
-    def store(o_smem):
+    def store(acc, o_smem, wg):
         o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+        rows = pl.ds(mi * bm + wg * wg_rows, wg_rows)
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[rows, pl.ds(ni * bn, bn)])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(store, plgpu.SMEM((bm, bn), o_gmem.dtype))
+    acc0 = jnp.zeros((wg_rows, bn), jnp.float32)
+    if not config.warp_specialized:  # one warpgroup issues the TMA loads and the wgmmas
+        acc = plgpu.emit_pipeline(
+            functools.partial(k_step, slice(None)),
+            grid=(k // SCALE_BLOCK,), in_specs=in_specs,
+            max_concurrent_steps=config.max_concurrent_steps, init_carry=acc0,
+        )(a_gmem, b_gmem, sa_gmem)
+        pl.run_scoped(lambda o_smem: store(acc, o_smem, 0),
+                      plgpu.SMEM((wg_rows, bn), o_gmem.dtype))
+        return
+
+    # Warp specialized: warpgroups 0 and 1 compute rows [0, 64) and [64, 128) of the tile
+    # from the same SMEM stages, warpgroup 2 only issues TMA loads.
+    def scope(o_smem):                                               # [2, 64, bn]
+        wg = lax.axis_index("wg")
+
+        def compute(run_pipeline):
+            store(run_pipeline(acc0), o_smem.at[wg], wg)
+
+        plgpu.emit_pipeline_warp_specialized(
+            lambda *args: k_step(pl.ds(wg * wg_rows, wg_rows), *args),
+            grid=(k // SCALE_BLOCK,), in_specs=in_specs, memory_registers=40,
+            wg_axis="wg", num_compute_wgs=2,
+            max_concurrent_steps=config.max_concurrent_steps, compute_context=compute,
+        )(a_gmem, b_gmem, sa_gmem)
+
+    pl.run_scoped(scope, plgpu.SMEM((2, wg_rows, bn), o_gmem.dtype), collective_axes="wg")
 
 
 def _dense_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
@@ -168,12 +198,14 @@ def _interpret_params(interpret):
     return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
 
 
-def _launch(body, out_shape, out_dtype, grid, grid_names, interpret, *args):
+def _launch(body, out_shape, out_dtype, grid, grid_names, config, interpret, *args):
+    threads = dict(num_threads=3, thread_name="wg") if config.warp_specialized else {}
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=grid,
         grid_names=grid_names,
+        **threads,
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=_interpret_params(interpret),
@@ -235,7 +267,7 @@ def fp8_gemm_nt(
     mp, n_pad = a_p.shape[0], b_p.shape[0]
     body = functools.partial(_dense_kernel, k=k, config=config)
     out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // config.block_m),
-                  ("n", "m"), interpret, a_p, b_p, sa_t, sb_p)
+                  ("n", "m"), config, interpret, a_p, b_p, sa_t, sb_p)
     return out[:m, :n]
 
 
@@ -284,7 +316,7 @@ def _contiguous_impl(a, sa, b, sb, m_indices, *, out_dtype, interpret, config):
     body = functools.partial(_contiguous_kernel, k=k, config=config)
     tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, _tile_groups(idx, bm))  # [Mp/bm]
     out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // bm),
-                  ("n", "m"), interpret, tile_idx, a_p, b_p, sa_t, sb_p)
+                  ("n", "m"), config, interpret, tile_idx, a_p, b_p, sa_t, sb_p)
     out = jnp.where((idx >= 0)[:, None], out[:, :n], 0)
     return jnp.where(bad[:, None], jnp.nan, out).astype(out_dtype)[:m]
 
@@ -333,7 +365,7 @@ def m_grouped_fp8_gemm_nt_masked(
     valid = jnp.clip(masked_m.astype(jnp.int32), 0, m_max)         # [G]
     body = functools.partial(_masked_kernel, k=k, config=config)
     out = _launch(body, (groups, mp, n_pad), out_dtype,
-                  (groups, n_pad // config.block_n, mp // bm), ("g", "n", "m"),
+                  (groups, n_pad // config.block_n, mp // bm), ("g", "n", "m"), config,
                   interpret, valid, a_p, b_p, sa_t, sb_p)
     rows = jnp.arange(m_max)[None, :, None]                        # [1, Mmax, 1]
     out = out[:, :m_max, :n]

@@ -60,7 +60,7 @@ def check(out, ref64, absprod64, out_dtype, what):
 
 @pytest.mark.parametrize("out_dtype,config", [
     (jnp.bfloat16, None),                                        # heuristic: block_n 64, 6 stages
-    (jnp.float32, fg.TuningConfig(block_n=128, max_concurrent_steps=2)),
+    (jnp.float32, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=2)),  # warp spec.
 ])
 def test_dense_matches_float64(out_dtype, config, report):
     m, n, k = 100, 256, 384                   # m pads to 128: two row tiles; 3 K steps
@@ -106,12 +106,12 @@ def test_dense_ue8m0_scales():
 
 def test_contiguous_uneven_empty_and_padded_groups(report):
     n, k, groups = 128, 256, 4
-    # DeepGEMM layout: each group padded up to the tile alignment with -1 rows.
-    # group 0: 100 rows (+28 pad), group 1: empty, group 2: 64 rows, group 3: 130 rows (+62 pad).
-    segments = [(0, 100, 128), (2, 64, 64), (3, 130, 192)]
+    # DeepGEMM layout: each group padded up to 128 rows with -1 rows.
+    # group 0: 100 rows (+28 pad), group 1: empty, group 2: 64 (+64), group 3: 130 (+126).
+    segments = [(0, 100, 128), (2, 64, 128), (3, 130, 256)]
     m_indices = np.concatenate([np.r_[np.full(real, g), np.full(aligned - real, -1)]
                                 for g, real, aligned in segments]).astype(np.int32)
-    m = len(m_indices)                                         # 384 rows, 6 row tiles
+    m = len(m_indices)                    # 512 rows: 4 row tiles of 128 (warp specialized)
     x, w, (a, sa), (b, sb) = quantise(jax.random.key(3), m, n, k)
     _, w3, _, (b3, sb3) = quantise(jax.random.key(4), 1, n, k, groups=groups)
     out = fg.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b3, sb3), jnp.asarray(m_indices),
@@ -183,8 +183,8 @@ def test_errors():
         fg.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b3, sb3), jnp.full(64, 3, jnp.int32))
     with pytest.raises(ValueError, match="groups differ"):
         fg.m_grouped_fp8_gemm_nt_masked((a[None], sa[None]), (b3, sb3), jnp.array([1, 2]), 1)
-    with pytest.raises(ValueError, match="must be 64"):
-        fg.TuningConfig(block_m=128)
+    with pytest.raises(ValueError, match="must be 64 or 128"):
+        fg.TuningConfig(block_m=256)
     with pytest.raises(ValueError, match="64 or 128"):
         fg.TuningConfig(block_n=256)
 
@@ -212,13 +212,21 @@ def test_dispatch_uses_reference_off_gpu():
 
 VARIANTS = {
     "dense": lambda a, sa, b, sb: fg.fp8_gemm_nt((a, sa), (b, sb)),
-    "dense_block_n128": lambda a, sa, b, sb: fg.fp8_gemm_nt((a, sa), (b, sb),
-                                                            config=fg.TuningConfig()),
+    "dense_warp_specialized": lambda a, sa, b, sb: fg.fp8_gemm_nt((a, sa), (b, sb),
+                                                                  config=fg.TuningConfig()),
+    "dense_64x128": lambda a, sa, b, sb: fg.fp8_gemm_nt(
+        (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=128)),
     "dense_f32_padded_m": lambda a, sa, b, sb: fg.fp8_gemm_nt((a[:40], sa[:40]), (b, sb),
                                                               out_dtype=jnp.float32),
     "contiguous": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_contiguous(
         (a, sa), (jnp.stack([b, b]), jnp.stack([sb, sb])), jnp.r_[jnp.zeros(64, jnp.int32),
                                                                 jnp.ones(64, jnp.int32)]),
+    "contiguous_warp_specialized": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_contiguous(
+        (jnp.tile(a, (2, 1)), jnp.tile(sa, (2, 1))), (jnp.stack([b, b]), jnp.stack([sb, sb])),
+        jnp.repeat(jnp.arange(2, dtype=jnp.int32), 128)),
+    "masked_warp_specialized": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_masked(
+        (a[None], sa[None]), (b[None], sb[None]), jnp.array([100], jnp.int32), expected_m=100,
+        config=fg.TuningConfig()),
     "masked": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_masked(
         (a.reshape(2, 64, -1), sa.reshape(2, 64, -1)), (jnp.stack([b, b]), jnp.stack([sb, sb])),
         jnp.array([64, 3], jnp.int32), expected_m=32),

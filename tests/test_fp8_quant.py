@@ -140,3 +140,23 @@ def test_shim_wgmma_transposed_and_plain(transpose, dtype):
         exported = jax.export.export(jax.jit(_wgmma_kernel(transpose, dtype, interpret=False)),
                                      platforms=["cuda"])(a, b)
         assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_unpatched_interpreter_fails_on_the_transposed_view():
+    """Why the shim exists: without it the same kernel fails in the interpreter."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (
+        reset_gpu_interpret_mode_state)
+    _interpret_shim.install()
+    a = jnp.ones((64, 128), jnp.float8_e4m3fn)
+    b = jnp.ones((128, 128), jnp.float8_e4m3fn)
+    gpu_callbacks.wgmma = _interpret_shim._ORIGINAL_WGMMA
+    try:
+        with pytest.raises(Exception, match="TransposeTransform"):
+            jax.block_until_ready(_wgmma_kernel(True, jnp.float8_e4m3fn, interpret=True)(a, b))
+    finally:
+        reset_gpu_interpret_mode_state()
+        _interpret_shim.install()
+    assert _interpret_shim.installed()
+    out = _wgmma_kernel(True, jnp.float8_e4m3fn, interpret=True)(a, b)
+    np.testing.assert_array_equal(np.asarray(out), 128.0)

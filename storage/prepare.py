@@ -130,8 +130,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
 class _ShardWriter:
     """Rolls to a new `shard-NNNNN.array_record` when the current one holds `shard_tokens` tokens."""
 
-    def __init__(self, out_dir: Path, shard_tokens: int):
+    def __init__(self, out_dir: Path, shard_tokens: int, compression: str):
         self.out_dir, self.shard_tokens = out_dir, shard_tokens
+        self.options = f"group_size:1,{compression}"
         self.shards: list[dict] = []
         self._writer = None
 
@@ -145,7 +146,7 @@ class _ShardWriter:
     def _roll(self):
         self._close_current()
         name = f"shard-{len(self.shards):05d}.array_record"
-        self._writer = array_record_module.ArrayRecordWriter(str(self.out_dir / name), "group_size:1")
+        self._writer = array_record_module.ArrayRecordWriter(str(self.out_dir / name), self.options)
         self.shards.append(dict(path=name, num_records=0, num_tokens=0))
 
     def _close_current(self):
@@ -163,11 +164,13 @@ class _ShardWriter:
 
 def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | Tokenizer = "byte",
                    jsonl_field: str = "text", shard_tokens: int = 16 << 20, max_tokens: int | None = None,
-                   progress: bool = True, name: str = "corpus") -> dict:
+                   compression: str = "zstd:3", progress: bool = True, name: str = "corpus") -> dict:
     """Tokenize `inputs` (files / globs / JSONL) into ArrayRecord shards under `out_dir`; return the manifest.
 
     Each document is BOS + tokens + EOS. `max_tokens` stops after the input file that reaches it.
     The manifest is written last, so a directory without one is an interrupted preparation.
+    `compression`: an ArrayRecord option, "zstd:<level>", "snappy" or "uncompressed" (one record per
+    chunk either way, for random access).
     """
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     files = expand_inputs(inputs)
@@ -175,7 +178,7 @@ def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / MANIFEST, *out.glob("shard-*.array_record")]:
         stale.unlink(missing_ok=True)
-    writer, num_docs, num_tokens = _ShardWriter(out, shard_tokens), 0, 0
+    writer, num_docs, num_tokens = _ShardWriter(out, shard_tokens, compression), 0, 0
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                desc=f"prepare {name}", disable=not progress)
     try:
@@ -194,6 +197,7 @@ def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.Pa
     if not num_docs:
         raise ValueError(f"inputs {[str(f) for f in files]} hold no documents")
     manifest = dict(format=FORMAT, name=name, tokenizer=tokenizer_info(tok), dtype=TOKEN_DTYPE.str,
+                    compression=compression,
                     num_documents=num_docs, num_tokens=int(num_tokens), shards=shards,
                     checksum=hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest())
     tmp = out / (MANIFEST + ".tmp")
@@ -203,13 +207,15 @@ def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.Pa
 
 
 def prepare_embedded_corpus(out_dir: str | os.PathLike, *, max_tokens: int = 8 << 20,
-                            shard_tokens: int = 16 << 20, progress: bool = True) -> dict:
+                            shard_tokens: int = 16 << 20, compression: str = "zstd:3",
+                            progress: bool = True) -> dict:
     """The embedded default corpus (stdlib sources, byte tokenizer) through `prepare_corpus`.
 
     Deterministic for a Python version: same files, same order, same shards, same checksum.
     """
     return prepare_corpus(stdlib_sources(), out_dir, tokenizer="byte", shard_tokens=shard_tokens,
-                          max_tokens=max_tokens, progress=progress, name="python-stdlib")
+                          max_tokens=max_tokens, compression=compression, progress=progress,
+                          name="python-stdlib")
 
 
 # ---- reading back -------------------------------------------------------------------------------

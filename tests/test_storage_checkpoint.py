@@ -32,10 +32,11 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(corpus_dir):
     """A model on mesh data=8 (FSDP rules), an optimizer with non-zero moments, a loader mid-stream."""
-    m = model.Transformer(CFG, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model.Transformer(CFG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)                                 # random values: cheaper than a real init
+    m = nnx.merge(graphdef, jax.tree.map(lambda s: jax.numpy.asarray(rng.normal(size=s.shape), s.dtype), state))
     sharding.shard_model(m, sharding.make_mesh(data=8), sharding.FSDP_RULES)
     opt = nnx.Optimizer(m, optax.adam(1e-3), wrt=nnx.Param)
-    rng = np.random.default_rng(0)
     nnx.update(opt, jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(x.dtype), nnx.state(opt)))
     loader = make_loader(corpus_dir, LoaderConfig(seq_len=32, batch_size=2, seed=1))
     next(loader)

@@ -1,0 +1,616 @@
+"""FlashMLA: multi-head latent attention decode over a paged latent cache (Mosaic GPU, Hopper).
+
+Absorbed-MLA decode: every query head attends to one shared latent per token. A cache token
+holds 576 values: the 512-d normalised latent (which is also V) and the 64-d roped key.
+
+Letter legend for shapes (in names and comments):
+  B   batch                     Sq  query positions per step (1, or 2 with MTP)
+  Hq  query heads               Hkv latent heads (1 for MLA)     G  Hq // Hkv
+  N   cache blocks (pages)      P   tokens per page (64)          M  max pages per sequence
+  D   576 = Dv + rope           Dv  512                           S  KV splits per sequence
+  R   query rows per latent head = Sq * G, padded to a multiple of 64 (Rp)
+
+The kernel's grid is (m-tile of 64 query rows, split, batch * Hkv). Each CTA runs three
+warpgroups: warpgroup 2 gathers the split's pages through the block table with TMA into a
+ring of SMEM slots; warpgroups 0 and 1 both compute S = Q K^T for the tile (64 x 64 per page)
+and the online softmax, then each multiplies P by its own half of V (256 of the 512 latent
+dims), so each holds a 64 x 256 f32 accumulator. Every split writes an f32 partial output and
+its log-sum-exp; `_combine` merges the splits with lse weights (plain jnp, fused by XLA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int, Shaped
+
+PAGE = 64           # tokens per cache page (FlashMLA's block size)
+D_QK = 576          # latent (512) + rope (64)
+D_V = 512
+D_ROPE = D_QK - D_V
+FP8_TOKEN_BYTES = D_V + 4 * 4 + D_ROPE * 2   # 656: 512 e4m3, 4 f32 scales, 64 bf16 rope
+FP8_TILE = 128      # one scale per 128 latent values
+QUARTER = 128       # PV accumulator width (a quarter of Dv)
+NUM_SMS = 132       # H100/H200 SXM
+
+
+# ----------------------------------------------------------------------------- 1. tuning
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Static kernel parameters (hashable: part of the jit cache key)."""
+
+    block_m: int = 64           # query rows per CTA (one wgmma M tile)
+    num_slots: int = 2          # pages in flight (SMEM ring)
+    num_sm_parts: int = NUM_SMS  # CTAs the tile scheduler aims to fill
+
+    def __post_init__(self):
+        if self.block_m != 64:
+            raise ValueError(f"{self.block_m=} must be 64 (one wgmma tile per warpgroup)")
+        if not 1 <= self.num_slots <= 2:
+            raise ValueError(f"{self.num_slots=} must be 1 or 2 (SMEM holds Q and 2 pages)")
+        if self.num_sm_parts < 1:
+            raise ValueError(f"{self.num_sm_parts=} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernel body needs to know at trace time."""
+
+    s_q: int
+    heads_per_kv: int     # G
+    rows: int             # R = s_q * G (unpadded)
+    h_kv: int
+    causal: bool
+    scale_log2: float     # softmax_scale * log2(e)
+    slots: int
+
+
+# ----------------------------------------------------------------------------- 2. kernel
+
+
+def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o_gmem,
+            lse_gmem):
+    """One CTA: 64 query rows x one split of one sequence's pages.
+
+    sched_gmem   int32 [B, S, 2]      (first page, end page) of each split
+    seqlens_gmem int32 [B]
+    table_gmem   int32 [B, M]
+    q_gmem       bf16  [B, Hkv, Rp, D]
+    k_gmem       bf16  [N, P, Hkv, D]
+    o_gmem       f32   [B, Hkv, S, Rp, Dv]   partial outputs (normalised within the split)
+    lse_gmem     f32   [B, Hkv, S, Rp]       natural-log lse of each split (-inf if empty)
+    """
+    m_idx = lax.axis_index("m")
+    split = lax.axis_index("split")
+    bh = lax.axis_index("bh")
+    b = lax.div(bh, jnp.int32(st.h_kv))
+    kvh = lax.rem(bh, jnp.int32(st.h_kv))
+    wg = lax.axis_index("wg")
+    first = sched_gmem[b, split, 0]
+    steps = sched_gmem[b, split, 1] - first
+    seqlen = seqlens_gmem[b]
+    tiling = plgpu.TilingTransform((8, 64))
+    swizzle = plgpu.SwizzleTransform(128)
+
+    def main_loop(q_smem, lse_smem, k_smem, q_bar, k_bars, consumed_bars, done_bar):
+        # q_smem [64, D] bf16; k_smem [slots, P, D] bf16.
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            plgpu.copy_gmem_to_smem(q_gmem.at[b, kvh, pl.ds(m_idx * 64, 64)], q_smem, q_bar)
+
+            def fetch(step, slot):
+                page = table_gmem[b, first + step]
+                plgpu.copy_gmem_to_smem(k_gmem.at[page, :, kvh], k_smem.at[slot],
+                                        k_bars.at[slot])
+
+            for i in range(st.slots):
+                pl.when(i < steps)(functools.partial(fetch, i, i))
+
+            @pl.loop(st.slots, jnp.maximum(steps, st.slots))
+            def _refill(step):
+                slot = lax.rem(step, jnp.int32(st.slots))
+                plgpu.barrier_wait(consumed_bars.at[slot])
+                fetch(step, slot)
+
+        @pl.when(wg < 2)
+        def _consumers():
+            plgpu.set_max_registers(232, action="increase")
+            o_acc, m_i, l_i = _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem,
+                                       q_bar, k_bars, consumed_bars)
+            # Q's SMEM becomes the output tile: wait until both warpgroups are done with Q.
+            plgpu.barrier_arrive(done_bar.at[0])
+            plgpu.barrier_wait(done_bar.at[0])
+            _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
+                        lse_gmem)
+
+    pl.run_scoped(
+        main_loop,
+        plgpu.SMEM((64, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),
+        plgpu.SMEM((64,), jnp.float32),
+        plgpu.SMEM((st.slots, PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=st.slots),
+        plgpu.Barrier(num_arrivals=2, num_barriers=st.slots),
+        plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        collective_axes="wg",
+    )
+
+
+def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
+             consumed_bars):
+    """Warpgroups 0/1: online softmax over the split's pages; returns this half's state."""
+    half = D_V // 2
+    wgmma_layout = plgpu.Layout.WGMMA
+    rows = plgpu.broadcasted_iota(jnp.int32, (64, PAGE), 0, layout=wgmma_layout)
+    cols = plgpu.broadcasted_iota(jnp.int32, (64, PAGE), 1, layout=wgmma_layout)
+    # Row r of the tile is query position (r // G) of head (r % G); with causal masking the
+    # last query position sees the whole cache and each earlier one sees one token less.
+    q_pos = lax.div(rows + m_idx * 64, jnp.int32(st.heads_per_kv))
+    limit = seqlen - (st.s_q - 1 - q_pos) if st.causal else jnp.broadcast_to(seqlen, rows.shape)
+
+    plgpu.barrier_wait(q_bar.at[0])
+    o_acc = tuple(plgpu.layout_cast(jnp.zeros((64, QUARTER), jnp.float32), wgmma_layout)
+                  for _ in range(half // QUARTER))                      # 2 x [64, 128]
+    m_i = plgpu.layout_cast(jnp.full((64,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1))
+    l_i = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), wgmma_layout.reduce(1))
+
+    def page_step(step, carry):
+        o_acc, m_i, l_i = carry
+        slot = lax.rem(step, jnp.int32(st.slots))
+        page_smem = k_smem.at[slot]                                   # [P, D]
+        plgpu.barrier_wait(k_bars.at[slot])
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(page_smem, (1, 0)))
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((64, PAGE), jnp.float32))   # [64, P]
+        token0 = (first + step) * PAGE
+        valid = (token0 + cols) < limit
+        s = jnp.where(valid, s * st.scale_log2, -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)               # empty rows stay 0
+        alpha = jnp.exp2(m_i - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+
+        # The tail of the last page may hold garbage (NaN in FlashMLA's tests); P is 0 there
+        # but 0 * NaN is NaN, so this warpgroup zeroes the stale rows of its V half first.
+        n_valid = seqlen - token0
+
+        @pl.when(n_valid < PAGE)
+        def _zero_tail():
+            for c in range(half // 64):
+                chunk = page_smem.at[:, pl.ds(wg * half + c * 64, 64)]  # [P, 64]
+                x = chunk[...]                                          # WGMMA layout
+                chunk[...] = jnp.where(rows < n_valid, x, jnp.zeros_like(x))
+            plgpu.commit_smem()
+
+        # PV in two 128-column pieces, each into a fresh accumulator that is then added: the
+        # GPU interpreter has no `run_state` (pre-initialised accumulators), and 128 columns
+        # keep the running output plus one piece under the register budget.
+        p16 = p.astype(jnp.bfloat16)
+        pieces = []
+        for c, o_c in enumerate(o_acc):
+            v_smem = page_smem.at[:, pl.ds(wg * half + c * QUARTER, QUARTER)]  # [P, 128]
+
+            def pv(acc_ref, v_smem=v_smem):
+                plgpu.wgmma(acc_ref, p16, v_smem)
+                return acc_ref[...]
+
+            piece = pl.run_scoped(pv, plgpu.ACC((64, QUARTER), jnp.float32))
+            pieces.append(o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]) + piece)
+        o_acc = tuple(pieces)
+        plgpu.barrier_arrive(consumed_bars.at[slot])
+        return o_acc, m_new, l_i
+
+    return lax.fori_loop(0, steps, page_step, (o_acc, m_i, l_i))
+
+
+def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
+                lse_gmem):
+    """Normalise this warpgroup's half and store it (via Q's SMEM) with the split's lse."""
+    half = D_V // 2
+    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+    for c, o_c in enumerate(o_acc):                                    # [64, 128] each
+        o = o_c / lax.broadcast_in_dim(l_safe, o_c.shape, [0])
+        q_smem.at[:, pl.ds(wg * half + c * QUARTER, QUARTER)][...] = o.astype(jnp.bfloat16)
+    o_smem = q_smem.at[:, pl.ds(wg * half, half)]
+
+    @pl.when(wg == 0)
+    def _():
+        lse_smem[...] = (m_i + jnp.log2(l_i)) * math.log(2.0)        # -inf when empty
+
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(
+        o_smem, o_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64), pl.ds(wg * half, half)])
+
+    @pl.when(wg == 0)
+    def _():
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)])
+
+    plgpu.wait_smem_to_gmem(0)
+
+
+# ----------------------------------------------------------------------------- 3. wrapper
+
+
+def get_mla_metadata(
+    cache_seqlens: Int[Array, "B"],
+    num_q_heads_per_kv_head: int,
+    num_kv_heads: int,
+    num_sm_parts: int = NUM_SMS,
+) -> tuple[Int[Array, "B S 2"], Int[Array, "B+1"]]:
+    """Split-KV schedule: (tile_scheduler_metadata [B, S, 2], num_splits [B + 1]).
+
+    `num_q_heads_per_kv_head` is s_q * h_q // h_kv, as in FlashMLA. The number of splits S is
+    static (from the shapes): enough CTAs to fill `num_sm_parts` SMs given B, h_kv and the
+    number of 64-row query tiles. Each sequence's pages are cut into S near-equal runs;
+    metadata[b, s] = (first page, end page), and num_splits is the cumulative count of
+    non-empty splits (FlashMLA's format).
+    """
+    if cache_seqlens.ndim != 1:
+        raise ValueError(f"cache_seqlens must be [B], got {cache_seqlens.shape=}")
+    batch = cache_seqlens.shape[0]
+    m_tiles = pl.cdiv(num_q_heads_per_kv_head, 64)
+    splits = max(1, num_sm_parts // (batch * num_kv_heads * m_tiles))
+    n_pages = (cache_seqlens.astype(jnp.int32) + PAGE - 1) // PAGE       # [B]
+    per = (n_pages + splits - 1) // splits                               # [B]
+    starts = jnp.minimum(jnp.arange(splits, dtype=jnp.int32)[None] * per[:, None],
+                         n_pages[:, None])                               # [B, S]
+    ends = jnp.minimum(starts + per[:, None], n_pages[:, None])
+    metadata = jnp.stack([starts, ends], axis=-1)                        # [B, S, 2]
+    used = jnp.sum(ends > starts, axis=1, dtype=jnp.int32)
+    num_splits = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(used, dtype=jnp.int32)])
+    return metadata, num_splits
+
+
+def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, Sq, Hq, D], got {q.shape=}")
+    batch, s_q, h_q, d = q.shape
+    if d != D_QK or head_dim_v != D_V:
+        raise ValueError(f"head dims must be {D_QK=} and {D_V=}, got {d=} and {head_dim_v=}")
+    if q.dtype != jnp.bfloat16:
+        raise ValueError(f"q must be bfloat16, got {q.dtype=}")
+    if k_cache.ndim != 4:
+        raise ValueError(f"k_cache must be [N, P, Hkv, D], got {k_cache.shape=}")
+    num_blocks, page, h_kv, d_k = k_cache.shape
+    if page != PAGE:
+        raise ValueError(f"page size {page=} must be {PAGE}")
+    if k_cache.dtype == jnp.uint8:
+        if d_k != FP8_TOKEN_BYTES:
+            raise ValueError(f"an FP8 k_cache token must be {FP8_TOKEN_BYTES} bytes, got {d_k=}")
+    elif k_cache.dtype == jnp.bfloat16:
+        if d_k != D_QK:
+            raise ValueError(f"k_cache head dim {d_k=} must equal q's {D_QK}")
+    else:
+        raise ValueError(f"k_cache must be bfloat16 or uint8 (FP8 layout), got {k_cache.dtype=}")
+    if h_q % h_kv:
+        raise ValueError(f"{h_q=} must be a multiple of {h_kv=}")
+    if not 1 <= s_q <= 2:
+        raise ValueError(f"{s_q=} must be 1 or 2 (decode, MTP)")
+    if block_table.ndim != 2 or block_table.shape[0] != batch or block_table.dtype != jnp.int32:
+        raise ValueError(f"block_table must be int32 [{batch}, M], got "
+                         f"{block_table.dtype} {block_table.shape}")
+    if cache_seqlens.shape != (batch,) or cache_seqlens.dtype != jnp.int32:
+        raise ValueError(f"cache_seqlens must be int32 [{batch}], got "
+                         f"{cache_seqlens.dtype} {cache_seqlens.shape}")
+    if not isinstance(cache_seqlens, jax.core.Tracer):
+        seqlens = np.asarray(cache_seqlens)
+        capacity = block_table.shape[1] * PAGE
+        if seqlens.min(initial=0) < 0 or seqlens.max(initial=0) > capacity:
+            worst = int(np.argmax(np.abs(seqlens - capacity / 2)))
+            raise ValueError(f"cache_seqlens[{worst}]={seqlens[worst]} is outside "
+                             f"[0, {capacity}] (block_table holds {block_table.shape[1]} pages)")
+    if not isinstance(block_table, jax.core.Tracer):
+        pages = np.asarray(cache_seqlens) if not isinstance(cache_seqlens, jax.core.Tracer) else None
+        table = np.asarray(block_table)
+        if pages is not None:
+            used = np.arange(table.shape[1])[None] < ((pages + PAGE - 1) // PAGE)[:, None]
+            bad = used & ((table < 0) | (table >= num_blocks))
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise ValueError(f"block_table[{i}, {j}]={table[i, j]} is not a page of the "
+                                 f"cache ({num_blocks=})")
+
+
+def flash_mla_with_kvcache(
+    q: Shaped[Array, "B Sq Hq D"],
+    k_cache: Shaped[Array, "N P Hkv Dk"],
+    block_table: Int[Array, "B M"],
+    cache_seqlens: Int[Array, "B"],
+    head_dim_v: int = D_V,
+    tile_scheduler_metadata: Int[Array, "B S 2"] | None = None,
+    num_splits: Int[Array, "B+1"] | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    interpret: bool = False,
+    config: TuningConfig = TuningConfig(),
+) -> tuple[Float[Array, "B Sq Hq Dv"], Float[Array, "B Hq Sq"]]:
+    """MLA decode attention over a paged cache: (out [B, Sq, Hq, 512] bf16, lse [B, Hq, Sq]).
+
+    k_cache is bf16 [N, 64, Hkv, 576] or the FP8 layout uint8 [N, 64, Hkv, 656] written by
+    `quantize_kv_cache_fp8`. V is the first 512 dims of K. With `causal` and Sq = 2, the first
+    query position sees one cache token less than the second. A sequence with nothing to
+    attend to gives out = 0 and lse = +inf. `num_splits` is accepted for FlashMLA's call
+    signature; the split count is the metadata's second dimension.
+    """
+    del num_splits
+    _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v)
+    batch, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    if tile_scheduler_metadata is None:
+        tile_scheduler_metadata, _ = get_mla_metadata(
+            cache_seqlens, s_q * h_q // h_kv, h_kv, config.num_sm_parts)
+    elif (tile_scheduler_metadata.ndim != 3 or tile_scheduler_metadata.shape[0] != batch
+          or tile_scheduler_metadata.shape[2] != 2):
+        raise ValueError(f"tile_scheduler_metadata must be [{batch}, S, 2], got "
+                         f"{tile_scheduler_metadata.shape}")
+    if softmax_scale is None:
+        softmax_scale = D_QK ** -0.5
+    if k_cache.dtype == jnp.uint8:
+        k_cache = dequantize_kv_cache_fp8(k_cache)
+    return _flash_mla(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
+                      softmax_scale=float(softmax_scale), causal=bool(causal),
+                      interpret=bool(interpret), config=config)
+
+
+@functools.partial(jax.jit, static_argnames=["softmax_scale", "causal", "interpret", "config"])
+def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scale, causal,
+               interpret, config):
+    batch, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    g = h_q // h_kv
+    rows = s_q * g
+    m_tiles = pl.cdiv(rows, config.block_m)
+    splits = metadata.shape[1]
+    # [B, Sq, Hq, D] -> [B, Hkv, R, D] with row r = (query position r // G, head r % G).
+    q_rows = q.reshape(batch, s_q, h_kv, g, D_QK).transpose(0, 2, 1, 3, 4)
+    q_rows = q_rows.reshape(batch, h_kv, rows, D_QK)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, m_tiles * 64 - rows), (0, 0)))
+    # Clamp the schedule to the table so that no CTA reads past it.
+    n_table = block_table.shape[1]
+    metadata = jnp.clip(metadata.astype(jnp.int32), 0, n_table)
+    st = _Static(s_q=s_q, heads_per_kv=g, rows=rows, h_kv=h_kv, causal=causal,
+                 scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots)
+    rp = m_tiles * 64
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, st),
+        out_type=(jax.ShapeDtypeStruct((batch, h_kv, splits, rp, D_V), jnp.bfloat16),
+                  jax.ShapeDtypeStruct((batch, h_kv, splits, rp), jnp.float32)),
+        grid=(m_tiles, splits, batch * h_kv),
+        grid_names=("m", "split", "bh"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_interpret_kwargs(interpret),
+    )
+    with _interpret_shims(interpret):
+        o_part, lse_part = kernel(metadata, cache_seqlens, block_table, q_rows, k_cache)
+    out, lse = _combine(o_part, lse_part)                  # [B, Hkv, Rp, Dv], [B, Hkv, Rp]
+    out = out[:, :, :rows].reshape(batch, h_kv, s_q, g, D_V).transpose(0, 2, 1, 3, 4)
+    lse = lse[:, :, :rows].reshape(batch, h_kv, s_q, g).transpose(0, 1, 3, 2)
+    return out.reshape(batch, s_q, h_q, D_V).astype(q.dtype), lse.reshape(batch, h_q, s_q)
+
+
+def _combine(o_part, lse_part):
+    """lse-weighted merge of the splits: [B, Hkv, S, Rp, Dv], [B, Hkv, S, Rp] -> one split."""
+    lse_max = jnp.max(lse_part, axis=2, keepdims=True)                  # [B, Hkv, 1, Rp]
+    lse_max = jnp.where(jnp.isneginf(lse_max), 0.0, lse_max)
+    w = jnp.exp(lse_part - lse_max)                                     # [B, Hkv, S, Rp]
+    total = jnp.sum(w, axis=2)                                          # [B, Hkv, Rp]
+    out = jnp.einsum("bhsr,bhsrd->bhrd", w, o_part.astype(jnp.float32))
+    empty = total == 0.0
+    out = jnp.where(empty[..., None], 0.0, out / jnp.where(empty, 1.0, total)[..., None])
+    lse = jnp.where(empty, jnp.inf, jnp.log(jnp.where(empty, 1.0, total)) + lse_max[:, :, 0])
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- FP8 cache
+
+
+def quantize_kv_cache_fp8(k_cache: Shaped[Array, "N P Hkv 576"]) -> Shaped[Array, "N P Hkv 656"]:
+    """bf16 [N, P, Hkv, 576] -> uint8 [N, P, Hkv, 656], FlashMLA's FP8 token layout.
+
+    Bytes 0..511: the latent in e4m3, one scale per 128 values (scale = max(amax, 1e-4) / 448);
+    bytes 512..527: the 4 scales as f32; bytes 528..655: the 64 rope values as bf16.
+    """
+    if k_cache.shape[-1] != D_QK:
+        raise ValueError(f"k_cache head dim must be {D_QK}, got {k_cache.shape=}")
+    lead = k_cache.shape[:-1]
+    nope = k_cache[..., :D_V].astype(jnp.float32).reshape(*lead, D_V // FP8_TILE, FP8_TILE)
+    scale = jnp.maximum(jnp.max(jnp.abs(nope), axis=-1), 1e-4) / 448.0   # [..., 4]
+    codes = (nope / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(*lead, D_V)
+    parts = [lax.bitcast_convert_type(codes, jnp.uint8),
+             lax.bitcast_convert_type(scale, jnp.uint8).reshape(*lead, 16),
+             lax.bitcast_convert_type(k_cache[..., D_V:].astype(jnp.bfloat16),
+                                      jnp.uint8).reshape(*lead, 2 * D_ROPE)]
+    return jnp.concatenate(parts, axis=-1)
+
+
+def dequantize_kv_cache_fp8(k_fp8: Shaped[Array, "N P Hkv 656"]) -> Float[Array, "N P Hkv 576"]:
+    """uint8 [N, P, Hkv, 656] -> bf16 [N, P, Hkv, 576] (inverse of `quantize_kv_cache_fp8`)."""
+    if k_fp8.dtype != jnp.uint8 or k_fp8.shape[-1] != FP8_TOKEN_BYTES:
+        raise ValueError(f"expected uint8 [..., {FP8_TOKEN_BYTES}], got {k_fp8.dtype} {k_fp8.shape}")
+    lead = k_fp8.shape[:-1]
+    codes = lax.bitcast_convert_type(k_fp8[..., :D_V], jnp.float8_e4m3fn)
+    scale = lax.bitcast_convert_type(k_fp8[..., D_V:D_V + 16].reshape(*lead, 4, 4), jnp.float32)
+    nope = codes.astype(jnp.float32).reshape(*lead, 4, FP8_TILE) * scale[..., None]
+    rope = lax.bitcast_convert_type(k_fp8[..., D_V + 16:].reshape(*lead, D_ROPE, 2), jnp.bfloat16)
+    return jnp.concatenate([nope.reshape(*lead, D_V).astype(jnp.bfloat16), rope], axis=-1)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def mla_decode(q, k_cache, block_table, cache_seqlens, *, softmax_scale=None, causal=False):
+    """The serving engine's entry: the kernel on a GPU, `flash_mla_reference` elsewhere."""
+    if jax.default_backend() == "gpu":
+        return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+                                      softmax_scale=softmax_scale, causal=causal)
+    return flash_mla_reference(q, k_cache, block_table, cache_seqlens,
+                               softmax_scale=softmax_scale, causal=causal)
+
+
+# ------------------------------------------------------------------ interpret-mode helpers
+
+
+def _interpret_kwargs(interpret: bool) -> dict:
+    if not interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return {"interpret": InterpretGPUParams()}
+
+
+@contextlib.contextmanager
+def _interpret_shims(interpret: bool):
+    """Teach the GPU interpreter's wgmma about transposed SMEM operands and register LHS.
+
+    The kernel feeds K^T to wgmma as `plgpu.transpose_ref(page, (1, 0))`, which lowers for
+    CUDA (bf16 wgmma supports a transposed B), but the interpreter's wgmma callback reads each
+    operand through `to_range`, which only understands indexers. A transpose is a view: read
+    the indexed operand, then permute it. The callback also assumes the LHS lives in SMEM;
+    wgmma takes it from registers too (P in PV), and then it arrives as the value. The wrapper is installed once, on the first
+    interpreted call, and defers to the original callback for operands without a transpose.
+    """
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+        if not getattr(gpu_callbacks.wgmma, "_orcinus_transpose_shim", False):
+            gpu_callbacks.wgmma = _wgmma_with_transposes(gpu_callbacks.wgmma)
+            _register_cpu_layout_cast()
+    yield
+
+
+def _register_cpu_layout_cast():
+    """`plgpu.layout_cast` only has a Mosaic GPU lowering; on CPU (the interpreter evaluates
+    the kernel's arithmetic with XLA:CPU) a register layout means nothing: lower it as the
+    identity, for the CPU platform only."""
+    from jax._src.interpreters import mlir
+    from jax._src.pallas.mosaic_gpu.core import layout_cast_p
+
+    mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
+
+
+def _split_transpose(transforms):
+    """(indexer transforms, permutation or None); a transpose must come last."""
+    from jax._src.state.types import TransposeTransform
+
+    transforms = tuple(transforms)
+    if transforms and isinstance(transforms[-1], TransposeTransform):
+        rest, perm = transforms[:-1], transforms[-1].permutation
+    else:
+        rest, perm = transforms, None
+    if any(isinstance(t, TransposeTransform) for t in rest):
+        raise NotImplementedError("interpret shim: a transpose must be the last transform")
+    return rest, perm
+
+
+def _wgmma_with_transposes(original):
+    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as cb
+
+    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array,
+              acc_transforms, acc_dtype, a_allocation_key_as_array, a_transforms,
+              b_allocation_key_as_array, b_transforms, source_info=None):
+        a_rest, a_perm = _split_transpose(cb._remove_noop_transforms(a_transforms))
+        b_rest, b_perm = _split_transpose(cb._remove_noop_transforms(b_transforms))
+        a_in_registers = np.ndim(a_allocation_key_as_array) == 2     # a value, not a key
+        if a_perm is None and b_perm is None and not a_in_registers:
+            return original(
+                token=token, device_id=device_id, grid_point_coords=grid_point_coords,
+                thread_id=thread_id, acc_allocation_key_as_array=acc_allocation_key_as_array,
+                acc_transforms=acc_transforms, acc_dtype=acc_dtype,
+                a_allocation_key_as_array=a_allocation_key_as_array, a_transforms=a_transforms,
+                b_allocation_key_as_array=b_allocation_key_as_array, b_transforms=b_transforms,
+                source_info=source_info)
+        device_id = int(device_id)
+        thread_id = int(thread_id)
+        shared_memory = cb._get_shared_memory()
+        global_thread_id = shared_memory.get_global_thread_id(device_id, thread_id)
+        info = interpret_utils.GPULoggingInfo(
+            device_id=device_id, grid_point_coords=tuple(int(x) for x in grid_point_coords),
+            thread_id=thread_id, source_info=source_info)
+
+        def read(key_array, transforms, perm):
+            key = cb.HostAllocationKey.from_array(key_array)
+            transforms = jax.tree.map(int, transforms)
+            x, _, _ = shared_memory.get_buffer_content(
+                key, interpret_utils.to_range(transforms), global_thread_id, logging_info=info)
+            assert x is not None
+            return x if perm is None else np.transpose(x, perm)
+
+        a = (np.asarray(a_allocation_key_as_array) if a_in_registers
+             else read(a_allocation_key_as_array, a_rest, a_perm))
+        b = read(b_allocation_key_as_array, b_rest, b_perm)
+        acc_key = cb.HostAllocationKey.from_array(acc_allocation_key_as_array)
+        acc_range = interpret_utils.to_range(
+            jax.tree.map(int, cb._remove_noop_transforms(acc_transforms)))
+        acc, _, _ = shared_memory.get_buffer_content(
+            acc_key, acc_range, global_thread_id, logging_info=info)
+        shared_memory.store_buffer_content(
+            acc_key, acc_range, acc + np.matmul(a, b, dtype=acc_dtype), global_thread_id,
+            logging_info=info)
+        return token
+
+    wgmma._orcinus_transpose_shim = True
+    return wgmma
+
+
+# ----------------------------------------------------------------------------- 5. reference
+
+
+def flash_mla_reference(
+    q: Shaped[Array, "B Sq Hq D"],
+    k_cache: Shaped[Array, "N P Hkv Dk"],
+    block_table: Int[Array, "B M"],
+    cache_seqlens: Int[Array, "B"],
+    head_dim_v: int = D_V,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    compute_dtype=jnp.float32,
+) -> tuple[Float[Array, "B Sq Hq Dv"], Float[Array, "B Hq Sq"]]:
+    """Plain jnp MLA decode over the paged cache; same contract as `flash_mla_with_kvcache`.
+
+    Computes in `compute_dtype` (float64 for ground truth under jax_enable_x64); out is cast
+    to q's dtype, lse stays in compute_dtype. Stale cache slots (even NaN) never leak.
+    """
+    if k_cache.dtype == jnp.uint8:
+        k_cache = dequantize_kv_cache_fp8(k_cache)
+    batch, s_q, h_q, d = q.shape
+    _, page, h_kv, _ = k_cache.shape
+    g = h_q // h_kv
+    if softmax_scale is None:
+        softmax_scale = d ** -0.5
+    pages = jnp.clip(block_table, 0, k_cache.shape[0] - 1)
+    kv = k_cache[pages].astype(compute_dtype)                             # [B, M, P, Hkv, D]
+    kv = kv.reshape(batch, -1, h_kv, d)                                   # [B, T, Hkv, D]
+    t = jnp.arange(kv.shape[1])
+    limit = cache_seqlens[:, None] - (s_q - 1 - jnp.arange(s_q))[None] if causal else \
+        jnp.broadcast_to(cache_seqlens[:, None], (batch, s_q))            # [B, Sq]
+    seen = t[None, None] < limit[..., None]                               # [B, Sq, T]
+    kv = jnp.where((t[None] < cache_seqlens[:, None])[..., None, None], kv, 0.0)
+    qg = q.astype(compute_dtype).reshape(batch, s_q, h_kv, g, d)
+    s = jnp.einsum("bqhgd,bthd->bhgqt", qg, kv) * softmax_scale           # [B, Hkv, G, Sq, T]
+    s = jnp.where(seen[:, None, None], s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)                                    # [B, Hkv, G, Sq]
+    empty = jnp.isneginf(lse)
+    p = jnp.exp(s - jnp.where(empty, 0.0, lse)[..., None])
+    out = jnp.einsum("bhgqt,bthv->bqhgv", p, kv[..., :head_dim_v])       # [B, Sq, Hkv, G, Dv]
+    out = out.reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
+    lse = jnp.where(empty, jnp.inf, lse).reshape(batch, h_q, s_q)
+    return out, lse

@@ -61,7 +61,7 @@ def _scale_cols(sb, n: int):  # [.., NB, KB] -> [.., 1, N]: B's first-K-block sc
 def _dense(m, n, k):
     def make_inputs(dry: bool):
         # Dry: a padded M, and an N that is not a multiple of 128 where the real one is not.
-        mm, nn, kk = (min(m, 64) + 36, 192 if n % 128 else 256, 256) if dry else (m, n, k)
+        mm, nn, kk = (min(m, 64) + 36, 192 if n % 128 else 128, 256) if dry else (m, n, k)
         return _operands((), mm, nn, kk, seed=0)
 
     def kernel(a, sa, b, sb, a16, b16, interpret=False):

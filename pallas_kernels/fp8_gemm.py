@@ -93,9 +93,8 @@ def _pad_n(b, sb, block_n: int):
 
 # --- 2. kernel ---------------------------------------------------------------------------
 
-def _swizzled(rows: int) -> tuple:
-    # fp8 K step of 128 = 128 bytes per row: 128-byte swizzle, tiles of 8 rows.
-    del rows
+def _swizzled() -> tuple:
+    """SMEM layout of an fp8 [rows, 128] K step: 128 bytes per row, 128-byte swizzle."""
     return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 
 
@@ -109,8 +108,8 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
     bm, bn = config.block_m, config.block_n
     wg_rows = 64                                                     # rows per compute warpgroup
     in_specs = [
-        plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled(bm)),
-        plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled(bn)),
+        plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled()),
+        plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled()),
         plgpu.BlockSpec((1, bm), lambda kb: (kb, mi)),
     ]
 

@@ -20,6 +20,7 @@ import bisect
 import dataclasses
 import json
 import os
+import weakref
 
 import grain
 import jax
@@ -140,11 +141,18 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _close(attributes: dict):
+    if (it := attributes.pop("_it", None)) is not None:
+        it.close()
+
+
 class Loader:
     """An iterator of packed batches whose state is a JSON-able dict (`get_state` / `set_state`)."""
 
     def __init__(self, dataset: grain.IterDataset):
         self._it = iter(dataset)
+        # close and drop the Grain iterator before interpreter teardown (its __del__ fails after it)
+        self._finalizer = weakref.finalize(self, _close, self.__dict__)
 
     def __iter__(self) -> Loader:
         return self
@@ -159,7 +167,7 @@ class Loader:
         self._it.set_state(_tuples(state))
 
     def close(self):
-        self._it.close()
+        self._finalizer()
 
 
 def make_loader(corpus, cfg: LoaderConfig) -> Loader:

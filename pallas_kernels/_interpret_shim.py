@@ -116,11 +116,19 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
     return token
 
 
+def _handles_transposes(callback) -> bool:
+    # pallas_kernels/flash_mla.py installs its own wrapper (it also reads a wgmma LHS held in
+    # registers) and marks it with this attribute; it reads transposed operands too, so an
+    # installed one is kept rather than replaced (replacing it would break flash_mla's
+    # register-LHS case; it wraps this one when installed after it).
+    return callback is _wgmma or getattr(callback, "_orcinus_transpose_shim", False)
+
+
 def install() -> None:
     """Interpreter: wgmma accepts transposed operands; layout_cast runs on CPU (idempotent)."""
     global _LAYOUT_CAST_ON_CPU
     with _LOCK:
-        if gpu_callbacks.wgmma is not _wgmma:
+        if not _handles_transposes(gpu_callbacks.wgmma):
             gpu_callbacks.wgmma = _wgmma
         if not _LAYOUT_CAST_ON_CPU:
             gpu_core.layout_cast_p.def_impl(lambda x, *, new_layout: x)
@@ -130,4 +138,4 @@ def install() -> None:
 
 
 def installed() -> bool:
-    return gpu_callbacks.wgmma is _wgmma and _LAYOUT_CAST_ON_CPU
+    return _handles_transposes(gpu_callbacks.wgmma) and _LAYOUT_CAST_ON_CPU

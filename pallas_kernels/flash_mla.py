@@ -39,7 +39,7 @@ D_V = 512
 D_ROPE = D_QK - D_V
 FP8_TOKEN_BYTES = D_V + 4 * 4 + D_ROPE * 2   # 656: 512 e4m3, 4 f32 scales, 64 bf16 rope
 FP8_TILE = 128      # one scale per 128 latent values
-QUARTER = 128       # PV accumulator width (a quarter of Dv)
+QUARTER = 64        # PV accumulator width (one 64-column chunk of Dv)
 NUM_SMS = 132       # H100/H200 SXM
 
 
@@ -86,7 +86,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
     sched_gmem   int32 [B, S, 2]      (first page, end page) of each split
     seqlens_gmem int32 [B]
     table_gmem   int32 [B, M]
-    q_gmem       bf16  [B, Hkv, Rp, D]
+    q_gmem       bf16  [B, Hkv, Rp / 64, D / 64, 64, 64]   Q in 64 x 64 chunks
     k_gmem       bf16  [N, P, Hkv, D]
     o_gmem       f32   [B, Hkv, S, Rp, Dv]   partial outputs (normalised within the split)
     lse_gmem     f32   [B, Hkv, S, Rp]       natural-log lse of each split (-inf if empty)
@@ -108,7 +108,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            plgpu.copy_gmem_to_smem(q_gmem.at[b, kvh, pl.ds(m_idx * 64, 64)], q_smem, q_bar)
+            plgpu.copy_gmem_to_smem(q_gmem.at[b, kvh, m_idx], q_smem, q_bar)
 
             def fetch(step, slot):
                 page = table_gmem[b, first + step]
@@ -137,7 +137,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
 
     pl.run_scoped(
         main_loop,
-        plgpu.SMEM((64, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),
+        plgpu.SMEM((D_QK // 64, 64, 64), jnp.bfloat16, transforms=(tiling, swizzle)),
         plgpu.SMEM((64,), jnp.float32),
         plgpu.SMEM((st.slots, PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),
         plgpu.Barrier(num_barriers=1),
@@ -162,7 +162,7 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
 
     plgpu.barrier_wait(q_bar.at[0])
     o_acc = tuple(plgpu.layout_cast(jnp.zeros((64, QUARTER), jnp.float32), wgmma_layout)
-                  for _ in range(half // QUARTER))                      # 2 x [64, 128]
+                  for _ in range(half // QUARTER))                      # 4 x [64, 64]
     m_i = plgpu.layout_cast(jnp.full((64,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1))
     l_i = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), wgmma_layout.reduce(1))
 
@@ -173,7 +173,11 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         plgpu.barrier_wait(k_bars.at[slot])
 
         def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(page_smem, (1, 0)))
+            # Q sits in SMEM as 9 chunks of 64 x 64 (so that each chunk can later stage a
+            # contiguous piece of the output); S accumulates over the 9 chunks of D.
+            for c in range(D_QK // 64):
+                k_chunk = page_smem.at[:, pl.ds(c * 64, 64)]             # [P, 64]
+                plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_chunk, (1, 0)))
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((64, PAGE), jnp.float32))   # [64, P]
@@ -198,9 +202,9 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
                 chunk[...] = jnp.where(rows < n_valid, x, jnp.zeros_like(x))
             plgpu.commit_smem()
 
-        # PV in two 128-column pieces, each into a fresh accumulator that is then added: the
-        # GPU interpreter has no `run_state` (pre-initialised accumulators), and 128 columns
-        # keep the running output plus one piece under the register budget.
+        # PV in four 64-column pieces, each into a fresh accumulator that is then added: the
+        # GPU interpreter has no `run_state` (pre-initialised accumulators), and a 64-column
+        # piece keeps the running output plus one piece well under the register budget.
         p16 = p.astype(jnp.bfloat16)
         pieces = []
         for c, o_c in enumerate(o_acc):
@@ -221,21 +225,23 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
 
 def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
                 lse_gmem):
-    """Normalise this warpgroup's half and store it (via Q's SMEM) with the split's lse."""
-    half = D_V // 2
+    """Normalise this warpgroup's half and store it (via Q's SMEM chunks) with the lse."""
+    per_wg = len(o_acc)
     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-    for c, o_c in enumerate(o_acc):                                    # [64, 128] each
+    for c, o_c in enumerate(o_acc):                                    # [64, 64] each
         o = o_c / lax.broadcast_in_dim(l_safe, o_c.shape, [0])
-        q_smem.at[:, pl.ds(wg * half + c * QUARTER, QUARTER)][...] = o.astype(jnp.bfloat16)
-    o_smem = q_smem.at[:, pl.ds(wg * half, half)]
+        q_smem.at[wg * per_wg + c][...] = o.astype(jnp.bfloat16)
 
     @pl.when(wg == 0)
     def _():
         lse_smem[...] = (m_i + jnp.log2(l_i)) * math.log(2.0)        # -inf when empty
 
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(
-        o_smem, o_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64), pl.ds(wg * half, half)])
+    for c in range(per_wg):
+        chunk = wg * per_wg + c
+        plgpu.copy_smem_to_gmem(
+            q_smem.at[chunk],
+            o_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64), pl.ds(chunk * 64, 64)])
 
     @pl.when(wg == 0)
     def _():
@@ -381,6 +387,8 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     q_rows = q.reshape(batch, s_q, h_kv, g, D_QK).transpose(0, 2, 1, 3, 4)
     q_rows = q_rows.reshape(batch, h_kv, rows, D_QK)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, m_tiles * 64 - rows), (0, 0)))
+    q_chunks = q_rows.reshape(batch, h_kv, m_tiles, 64, D_QK // 64, 64)
+    q_chunks = q_chunks.transpose(0, 1, 2, 4, 3, 5)      # [B, Hkv, Rp / 64, D / 64, 64, 64]
     # Clamp the schedule to the table so that no CTA reads past it.
     n_table = block_table.shape[1]
     metadata = jnp.clip(metadata.astype(jnp.int32), 0, n_table)
@@ -399,7 +407,7 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
         **_interpret_kwargs(interpret),
     )
     with _interpret_shims(interpret):
-        o_part, lse_part = kernel(metadata, cache_seqlens, block_table, q_rows, k_cache)
+        o_part, lse_part = kernel(metadata, cache_seqlens, block_table, q_chunks, k_cache)
     out, lse = _combine(o_part, lse_part)                  # [B, Hkv, Rp, Dv], [B, Hkv, Rp]
     out = out[:, :, :rows].reshape(batch, h_kv, s_q, g, D_V).transpose(0, 2, 1, 3, 4)
     lse = lse[:, :, :rows].reshape(batch, h_kv, s_q, g).transpose(0, 1, 3, 2)

@@ -1,0 +1,96 @@
+"""GPU-suite entries for FlashMLA decode (pallas_kernels/flash_mla.py).
+
+FlashMLA's benchmark shapes: b = 128 sequences of s_k cache tokens (4096 .. 32768), h_q = 128
+query heads over one latent head, s_q = 1 (decode) and 2 (MTP, causal). The baseline is the
+plain-jnp reference compiled by XLA. Importing this module needs no GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.registry import KernelEntry, register
+from pallas_kernels import flash_mla as fm
+
+H200_RIDGE = 990e12 / 4.8e12        # dense bf16 FLOP/s over HBM B/s: ~206 FLOP/byte
+ENTRIES: list[KernelEntry] = []
+
+
+def _make_inputs(batch, s_k, h_q, s_q, dry):
+    """(q, k_cache, block_table, cache_seqlens); pages handed out in a shuffled order."""
+    if dry:
+        batch, h_q, seqlens = 2, 16 * s_q, np.array([100, 37])
+    else:
+        seqlens = np.full(batch, s_k)
+    pages = -(-int(seqlens.max()) // fm.PAGE)
+    rng = np.random.default_rng(0)
+    table = rng.permutation(batch * pages).reshape(batch, pages).astype(np.int32)
+    kq, kk = jax.random.split(jax.random.PRNGKey(0))
+    q = jax.random.normal(kq, (batch, s_q, h_q, fm.D_QK), jnp.bfloat16)
+    k_cache = jax.random.normal(kk, (batch * pages, fm.PAGE, 1, fm.D_QK), jnp.bfloat16)
+    return q, k_cache, jnp.asarray(table), jnp.asarray(seqlens, jnp.int32)
+
+
+def _kernel(q, k_cache, block_table, cache_seqlens, interpret=False):
+    # Interpreted (dry) runs simulate a handful of SMs so the grid stays small.
+    config = fm.TuningConfig(num_sm_parts=4) if interpret else fm.TuningConfig()
+    return fm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
+                                     causal=q.shape[1] > 1, interpret=interpret, config=config)
+
+
+def _reference(q, k_cache, block_table, cache_seqlens):
+    return _reference_jit(q, k_cache, block_table, cache_seqlens, causal=q.shape[1] > 1)
+
+
+@functools.partial(jax.jit, static_argnames="causal")
+def _reference_jit(q, k_cache, block_table, cache_seqlens, causal):
+    return fm.flash_mla_reference(q, k_cache, block_table, cache_seqlens, causal=causal)
+
+
+def _error(got, want):
+    """Worst of FlashMLA's cosine diffs on out and on the finite lse entries."""
+    diffs = []
+    for x, y in zip(got, want):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        finite = np.isfinite(y)
+        if not (np.isfinite(x) == finite).all():
+            return float("inf")
+        x, y = x[finite], y[finite]
+        diffs.append(1.0 - 2.0 * (x * y).sum() / max((x * x + y * y).sum(), 1e-12))
+    return float(max(diffs))
+
+
+def _flops(q, k_cache, block_table, cache_seqlens):
+    _, s_q, h_q, _ = q.shape
+    tokens = float(np.asarray(cache_seqlens).sum())
+    return 2.0 * tokens * s_q * h_q * (fm.D_QK + fm.D_V)
+
+
+def _bytes(q, k_cache, block_table, cache_seqlens):
+    batch, s_q, h_q, _ = q.shape
+    tokens = float(np.asarray(cache_seqlens).sum())
+    cache = tokens * k_cache.shape[2] * k_cache.shape[3] * k_cache.dtype.itemsize
+    return cache + q.size * 2 + batch * s_q * h_q * (fm.D_V * 2 + 4)
+
+
+for _s_q in (1, 2):
+    for _s_k in (4096, 8192, 16384, 32768):
+        _intensity = 2 * 128 * _s_q * (fm.D_QK + fm.D_V) / (fm.D_QK * 2)
+        ENTRIES.append(register(KernelEntry(
+            name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q}",
+            make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
+            kernel=_kernel,
+            reference=_reference,
+            error=_error,
+            tolerance=1e-5,
+            flops=_flops,
+            bytes=_bytes,
+            baselines={"xla_reference": _reference},
+            bound="memory" if _intensity < H200_RIDGE else "compute",
+            peak="bf16",
+            quick=_s_k == 4096,
+        )))

@@ -1,0 +1,212 @@
+"""FlashMLA kernel: interpreted on CPU against a float64 numpy ground truth, lowered for CUDA.
+
+FlashMLA's own checks: cosine diff < 1e-5 on out and lse, unused cache slots filled with NaN,
+shuffled block tables, empty sequences give out = 0 and lse = +inf.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import flash_mla as fm
+
+COS_TOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    seqlens: tuple[int, ...]
+    s_q: int
+    h_q: int
+    causal: bool
+    fp8: bool = False
+    num_sm_parts: int = 4        # few simulated SMs: a handful of CTAs, 2 splits for b = 2
+
+
+CASES = [
+    Case("varlen_empty_sq1_h16", (100, 0, 37), s_q=1, h_q=16, causal=False, num_sm_parts=6),
+    Case("causal_sq2_h64", (65, 130), s_q=2, h_q=64, causal=True, num_sm_parts=4),
+    Case("fp8_sq1_h16", (70, 128), s_q=1, h_q=16, causal=False, fp8=True, num_sm_parts=4),
+]
+
+
+def make_case(case: Case, seed: int = 0):
+    """Inputs with a shuffled block table and NaN in every unused cache slot."""
+    rng = np.random.default_rng(seed)
+    batch = len(case.seqlens)
+    max_pages = max(1, max(-(-s // fm.PAGE) for s in case.seqlens))
+    num_blocks = batch * max_pages + 2
+    q = rng.standard_normal((batch, case.s_q, case.h_q, fm.D_QK)).astype(np.float32)
+    k = rng.standard_normal((num_blocks, fm.PAGE, 1, fm.D_QK)).astype(np.float32)
+    table = rng.permutation(num_blocks)[: batch * max_pages].reshape(batch, max_pages)
+    k_bf16 = jnp.asarray(k, jnp.bfloat16)
+    if case.fp8:
+        cache = fm.quantize_kv_cache_fp8(k_bf16)
+        values = np.asarray(fm.dequantize_kv_cache_fp8(cache), np.float64)
+    else:
+        cache, values = k_bf16, np.asarray(k_bf16, np.float64)
+    # Fill every slot no sequence owns with NaN (for FP8: NaN scales and rope bytes).
+    used = np.zeros((num_blocks, fm.PAGE), bool)
+    for i, s in enumerate(case.seqlens):
+        for t in range(s):
+            used[table[i, t // fm.PAGE], t % fm.PAGE] = True
+    cache = np.asarray(cache).copy()
+    if case.fp8:
+        cache[~used] = 0xFF                       # e4m3 NaN, f32 NaN scales, bf16 NaN rope
+    else:
+        cache[~used] = np.nan
+    args = (jnp.asarray(q, jnp.bfloat16), jnp.asarray(cache), jnp.asarray(table, jnp.int32),
+            jnp.asarray(case.seqlens, jnp.int32))
+    return args, values, table
+
+
+def ground_truth(q, values, table, seqlens, causal):
+    """float64 numpy, loop over sequences: (out [B, Sq, Hq, 512], lse [B, Hq, Sq])."""
+    q = np.asarray(q.astype(jnp.float32), np.float64)
+    batch, s_q, h_q, d = q.shape
+    out = np.zeros((batch, s_q, h_q, fm.D_V))
+    lse = np.full((batch, h_q, s_q), np.inf)
+    for i, seqlen in enumerate(np.asarray(seqlens)):
+        kv = values[table[i]].reshape(-1, d)[:seqlen]                 # [T, D]
+        for j in range(s_q):
+            n = seqlen - (s_q - 1 - j) if causal else seqlen
+            if n <= 0:
+                continue
+            s = q[i, j] @ kv[:n].T * d ** -0.5                        # [Hq, n]
+            m = s.max(axis=1, keepdims=True)
+            p = np.exp(s - m)
+            out[i, j] = (p / p.sum(1, keepdims=True)) @ kv[:n, : fm.D_V]
+            lse[i, :, j] = (m[:, 0] + np.log(p.sum(1)))
+    return out, lse
+
+
+def cos_diff(x, y):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return 1.0 - 2.0 * (x * y).sum() / max((x * x + y * y).sum(), 1e-12)
+
+
+def check(name, out, lse, out_gt, lse_gt):
+    out, lse = np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
+    assert not np.isnan(out).any(), f"{name}: NaN in out at {np.argwhere(np.isnan(out))[0]}"
+    inf_gt, inf = np.isinf(lse_gt), np.isinf(lse)
+    assert (inf == inf_gt).all() and (lse[inf] > 0).all(), \
+        f"{name}: lse inf positions differ, first at {np.argwhere(inf != inf_gt)[:1]}"
+    empty = np.broadcast_to(np.moveaxis(inf_gt, 2, 1)[..., None], out.shape)
+    assert (out[empty] == 0).all(), f"{name}: empty rows must give out = 0"
+    d_out, d_lse = cos_diff(out, out_gt), cos_diff(lse[~inf], lse_gt[~inf])
+    worst = np.unravel_index(np.argmax(np.abs(out - out_gt)), out.shape)
+    assert d_out < COS_TOL and d_lse < COS_TOL, \
+        f"{name}: cos diff out {d_out:.2e} lse {d_lse:.2e} (worst out element at {worst})"
+    return d_out, d_lse
+
+
+def run_kernel(case, args, interpret=True):
+    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts)
+    return fm.flash_mla_with_kvcache(*args, causal=case.causal, interpret=interpret,
+                                     config=config)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_interpreted_vs_float64(case, report):
+    args, values, table = make_case(case)
+    out_gt, lse_gt = ground_truth(args[0], values, table, args[3], case.causal)
+    d_out, d_lse = check(case.name, *run_kernel(case, args), out_gt, lse_gt)
+    r_out, r_lse = check(case.name + " reference",
+                         *fm.flash_mla_reference(*args, causal=case.causal), out_gt, lse_gt)
+    report(f"flash_mla {case.name}: kernel (interpreted) cos diff out {d_out:.1e} "
+           f"lse {d_lse:.1e}; jnp reference out {r_out:.1e} lse {r_lse:.1e}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_lowers_for_cuda(case):
+    args, _, _ = make_case(case)
+    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts)
+    fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=case.causal, config=config)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_metadata_splits_cover_every_page():
+    seqlens = jnp.array([0, 1, 64, 65, 1000], jnp.int32)
+    # 128 rows per latent head = 2 m-tiles; 20 SMs / (5 sequences x 2 tiles) = 2 splits.
+    meta, num_splits = fm.get_mla_metadata(seqlens, 128, 1, num_sm_parts=20)
+    meta = np.asarray(meta)
+    assert meta.shape == (5, 2, 2)
+    for i, s in enumerate(np.asarray(seqlens)):
+        pages = np.concatenate([np.arange(a, e) for a, e in meta[i]])
+        np.testing.assert_array_equal(pages, np.arange(-(-s // 64)))
+    np.testing.assert_array_equal(num_splits, [0, 0, 1, 2, 4, 6])
+
+
+def test_fp8_round_trip():
+    k = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 1, 576)).astype(jnp.bfloat16)
+    packed = fm.quantize_kv_cache_fp8(k)
+    assert packed.dtype == jnp.uint8 and packed.shape == (2, 64, 1, 656)
+    back = fm.dequantize_kv_cache_fp8(packed)
+    np.testing.assert_array_equal(back[..., 512:], k[..., 512:])     # rope kept in bf16
+    rel = jnp.linalg.norm((back - k)[..., :512].astype(jnp.float32)) / jnp.linalg.norm(
+        k[..., :512].astype(jnp.float32))
+    assert rel < 0.05, rel                                           # e4m3: 3 mantissa bits
+
+
+def test_dispatch_uses_reference_on_cpu():
+    args, _, _ = make_case(CASES[0])
+    out, lse = fm.mla_decode(*args)
+    ref_out, ref_lse = fm.flash_mla_reference(*args)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(lse, ref_lse)
+
+
+def _small():
+    q = jnp.zeros((2, 1, 16, 576), jnp.bfloat16)
+    k = jnp.zeros((4, 64, 1, 576), jnp.bfloat16)
+    return q, k, jnp.zeros((2, 2), jnp.int32), jnp.array([10, 128], jnp.int32)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q, k, t, s: (q.astype(jnp.float32), k, t, s), "q must be bfloat16"),
+    (lambda q, k, t, s: (q[..., :512], k, t, s), "head dims"),
+    (lambda q, k, t, s: (jnp.zeros((2, 3, 16, 576), jnp.bfloat16), k, t, s), "s_q=3"),
+    (lambda q, k, t, s: (q, k[:, :32], t, s), "page size"),
+    (lambda q, k, t, s: (q, k.astype(jnp.float32), t, s), "k_cache must be bfloat16"),
+    (lambda q, k, t, s: (q, jnp.zeros((4, 64, 1, 600), jnp.uint8), t, s), "656 bytes"),
+    (lambda q, k, t, s: (q, jnp.zeros((4, 64, 3, 576), jnp.bfloat16), t, s), "multiple of h_kv"),
+    (lambda q, k, t, s: (q, k, t.astype(jnp.int16), s), "block_table must be int32"),
+    (lambda q, k, t, s: (q, k, t, s[:1]), "cache_seqlens must be int32"),
+    (lambda q, k, t, s: (q, k, t, jnp.array([10, 129], jnp.int32)), "outside"),
+    (lambda q, k, t, s: (q, k, t.at[1, 1].set(7), s), "not a page"),
+])
+def test_bad_inputs_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        fm.flash_mla_with_kvcache(*change(*_small()), interpret=True)
+
+
+def test_tuning_config_rejects_bad_blocks():
+    with pytest.raises(ValueError, match="block_m"):
+        fm.TuningConfig(block_m=128)
+    with pytest.raises(ValueError, match="num_slots"):
+        fm.TuningConfig(num_slots=3)
+
+
+def test_benchmark_entries_dry_run():
+    from benchmarks import entries_flash_mla
+    from benchmarks.registry import _ENTRIES
+
+    mine = [e for e in _ENTRIES.values() if e.name.startswith("flash_mla")]
+    assert len(mine) == len(entries_flash_mla.ENTRIES) == 8
+    checked = set()
+    for entry in mine:
+        args = entry.make_inputs(True)
+        assert entry.flops(*args) > 0 and entry.bytes(*args) > 0
+        key = tuple(a.shape for a in args)
+        if key in checked:       # dry shapes depend only on s_q: interpret each once
+            continue
+        checked.add(key)
+        err = entry.error(entry.kernel(*args, interpret=True), entry.reference(*args))
+        assert err < entry.tolerance, (entry.name, err)
+        for baseline in entry.baselines.values():
+            assert entry.error(baseline(*args), entry.reference(*args)) < entry.tolerance

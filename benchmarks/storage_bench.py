@@ -68,7 +68,7 @@ def bench_loader(root: Path, compression: str, seq_len: int, batch: int, max_tok
     return rows
 
 
-def bench_checkpoint(root: Path, layers: int) -> list[dict]:
+def bench_checkpoint(root: Path, layers: int, compression: bool) -> list[dict]:
     cfg = model.ModelConfig.preset("small", num_layers=layers)
     abstract = nnx.eval_shape(lambda: model.Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -77,7 +77,7 @@ def bench_checkpoint(root: Path, layers: int) -> list[dict]:
                          if jnp.issubdtype(s.dtype, jnp.floating) else jnp.zeros(s.shape, s.dtype), state)
     m = nnx.merge(graphdef, state)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    ckpt = Checkpointer(root / "ckpt", max_to_keep=1)
+    ckpt = Checkpointer(root / f"ckpt-{compression}", max_to_keep=1, compression=compression)
     start = time.perf_counter()
     ckpt.save(1, m)
     blocking = time.perf_counter() - start
@@ -92,9 +92,10 @@ def bench_checkpoint(root: Path, layers: int) -> list[dict]:
     ok = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(nnx.state(m))))
     n = model.param_count(m)
     size = f"{nbytes / GB:.2f} GB ({n / 1e6:.0f} M params fp32)"
-    return [dict(what=f"checkpoint save, small preset with {layers} layers (async, to finalize)", size=size,
+    zstd = "zstd" if compression else "no compression"
+    return [dict(what=f"checkpoint save, small preset with {layers} layers, {zstd} (async, to finalize)", size=size,
                  rate=f"{nbytes / save_s / GB:.2f} GB/s", note=f"train loop blocked {blocking:.2f} s"),
-            dict(what="checkpoint restore (same shardings)", size=size, rate=f"{nbytes / restore_s / GB:.2f} GB/s",
+            dict(what=f"checkpoint restore, {zstd} (same shardings)", size=size, rate=f"{nbytes / restore_s / GB:.2f} GB/s",
                  note="bit-exact" if ok else "MISMATCH")]
 
 
@@ -142,7 +143,8 @@ def main(argv=None):
     try:
         for compression in ("zstd:3", "uncompressed"):
             rows += bench_loader(root, compression, args.seq_len, args.batch, args.corpus_tokens)
-        rows += bench_checkpoint(root, args.layers)
+        for compression in (False, True):
+            rows += bench_checkpoint(root, args.layers, compression)
         rows += bench_kv(root, args.kv_blocks, 8, 32)
     finally:
         if args.dir is None:

@@ -32,12 +32,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import _interpret_shim
 
 SCALE_BLOCK = 128  # K (and B's N) granularity of the scales; also the pipeline's K step
 FP8 = jnp.float8_e4m3fn
@@ -192,7 +192,11 @@ def _masked_kernel(mask_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, co
 def _interpret_params(interpret):
     if not interpret:
         return None
+    # Interpret-only, and imported only then: the shim touches jax internals that a compiled
+    # run on the GPU machine (another jax version) must not depend on.
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    from pallas_kernels import _interpret_shim
     _interpret_shim.install()
     return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
 
@@ -291,8 +295,12 @@ def m_grouped_fp8_gemm_nt_contiguous(
     if m_indices.shape != (m,):
         raise ValueError(f"{m_indices.shape=} must be {(m,)}")
     config = config or _config_for(m, n)
-    if not isinstance(m_indices, jax.core.Tracer):
-        idx = _pad_rows(jnp.asarray(m_indices, jnp.int32), 0, config.block_m, value=-1)
+    try:  # concrete indices are checked here; traced ones give NaN rows instead
+        concrete = np.asarray(m_indices)
+    except jax.errors.TracerArrayConversionError:
+        concrete = None
+    if concrete is not None:
+        idx = _pad_rows(jnp.asarray(concrete, jnp.int32), 0, config.block_m, value=-1)
         bad = _misaligned_rows(idx, config.block_m, b.shape[0])
         if bool(bad.any()):
             raise ValueError(f"m_indices must be constant over each {config.block_m=}-row tile"

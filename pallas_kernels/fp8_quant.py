@@ -24,7 +24,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float
 
-from pallas_kernels import _interpret_shim
 
 BLOCK = 128
 FP8 = jnp.float8_e4m3fn
@@ -96,6 +95,8 @@ def _cast(x, *, rows: int, per_block: bool, ue8m0: bool, interpret):
     params = None
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        from pallas_kernels import _interpret_shim  # interpret-only: jax internals
         _interpret_shim.install()  # the interpreter needs layout_cast on CPU
         params = interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
     y, s_t = plgpu.kernel(

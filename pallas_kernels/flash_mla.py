@@ -124,6 +124,11 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
                 plgpu.barrier_wait(consumed_bars.at[slot])
                 fetch(step, slot)
 
+            # Observe the last phases too, so that the ring is idle when the scope closes.
+            @pl.loop(jnp.maximum(steps - st.slots, 0), steps)
+            def _drain(step):
+                plgpu.barrier_wait(consumed_bars.at[lax.rem(step, jnp.int32(st.slots))])
+
         @pl.when(wg < 2)
         def _consumers():
             plgpu.set_max_registers(232, action="increase")

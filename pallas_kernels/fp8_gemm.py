@@ -13,8 +13,9 @@ The kernel: one CTA per (block_m x block_n) output tile; a TMA pipeline of
 `max_concurrent_steps` stages over K streams the A tile [block_m, 128], the B tile
 [block_n, 128] (fed to wgmma as a transposed view, so both operands stay K-major, the layout
 fp8 wgmma requires) and the A scales [block_m] (A's scales are transposed to [KB, M] by the
-wrapper so a tile's scales are one contiguous TMA box, as DeepGEMM does); B's scale is one
-scalar per step read from GMEM. The epilogue writes the tile through SMEM with a TMA store.
+wrapper so a tile's scales are one contiguous TMA box, as DeepGEMM does) and B's scales, one
+row per step (all of B's scales for that K block; the wrapper transposes them to [KB, NB]).
+The epilogue writes the tile through SMEM with a TMA store.
 block_m 128 is warp specialized as in DeepGEMM: two compute warpgroups (64 rows each, sharing
 the B stage) and one producer warpgroup issuing the TMA loads; block_m 64 (small M) is one
 warpgroup that does both.
@@ -103,7 +104,8 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
     """One [block_m, block_n] output tile.
 
     a_gmem [M, K] e4m3, b_gmem [N, K] e4m3, sa_gmem [KB, M] f32 (transposed A scales),
-    sb_gmem [NB, KB] f32, o_gmem [M, N]; mi, ni: the tile's block indices.
+    sb_gmem [KB, NBp] f32 (transposed B scales, NB padded to a multiple of 4 for TMA),
+    o_gmem [M, N]; mi, ni: the tile's block indices.
     """
     bm, bn = config.block_m, config.block_n
     wg_rows = 64                                                     # rows per compute warpgroup
@@ -111,18 +113,19 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
         plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled()),
         plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled()),
         plgpu.BlockSpec((1, bm), lambda kb: (kb, mi)),
+        plgpu.BlockSpec((1, sb_gmem.shape[1]), lambda kb: (kb, 0)),  # B scales of this K block
     ]
 
-    def k_step(rows, idx, a_smem, b_smem, sa_smem, acc):
+    def k_step(rows, idx, a_smem, b_smem, sa_smem, sb_smem, acc):
         """acc [64, bn] += (A[rows]·Bᵀ over one 128-wide K block) · sa · sb, in fp32."""
-        (kb,) = idx
+        del idx
 
         def mma(part_ref):  # fresh fp32 accumulator for this K block
             plgpu.wgmma(part_ref, a_smem.at[rows], plgpu.transpose_ref(b_smem, (1, 0)))
             return part_ref[...]
 
         part = pl.run_scoped(mma, plgpu.ACC((wg_rows, bn), jnp.float32))   # [64, bn]
-        scale = sa_smem[0, rows] * sb_gmem[ni * bn // SCALE_BLOCK, kb]      # [64]
+        scale = sa_smem[0, rows] * sb_smem[0, ni * bn // SCALE_BLOCK]       # [64]
         return acc + part * lax.broadcast_in_dim(scale, (wg_rows, bn), [0])
 
     def store(acc, o_smem, wg):
@@ -138,7 +141,7 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
             functools.partial(k_step, slice(None)),
             grid=(k // SCALE_BLOCK,), in_specs=in_specs,
             max_concurrent_steps=config.max_concurrent_steps, init_carry=acc0,
-        )(a_gmem, b_gmem, sa_gmem)
+        )(a_gmem, b_gmem, sa_gmem, sb_gmem)
         pl.run_scoped(lambda o_smem: store(acc, o_smem, 0),
                       plgpu.SMEM((wg_rows, bn), o_gmem.dtype))
         return
@@ -156,7 +159,7 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
             grid=(k // SCALE_BLOCK,), in_specs=in_specs, memory_registers=40,
             wg_axis="wg", num_compute_wgs=2,
             max_concurrent_steps=config.max_concurrent_steps, compute_context=compute,
-        )(a_gmem, b_gmem, sa_gmem)
+        )(a_gmem, b_gmem, sa_gmem, sb_gmem)
 
     pl.run_scoped(scope, plgpu.SMEM((2, wg_rows, bn), o_gmem.dtype), collective_axes="wg")
 
@@ -239,6 +242,13 @@ def _check_operands(a, sa, b, sb, *, a_lead: tuple, b_lead: tuple, out_dtype):
     return m, n, k
 
 
+def _scales_for_tma(sb: Float[Array, "... NB KB"]) -> Float[Array, "... KB NBp"]:
+    """B scales as one contiguous row per K block, padded to 16 bytes for the TMA box."""
+    if sb.shape[-2] > 256:
+        raise ValueError(f"N/128 = {sb.shape[-2]} must be <= 256 (one TMA box of B scales)")
+    return _pad_rows(jnp.swapaxes(sb, -1, -2), sb.ndim - 1, 4)
+
+
 def _pad_rows(x, axis: int, multiple: int, value=0):
     pad = -x.shape[axis] % multiple
     if not pad:
@@ -267,6 +277,7 @@ def fp8_gemm_nt(
     a_p = _pad_rows(a, 0, config.block_m)                         # [Mp, K]
     sa_t = _pad_rows(sa, 0, config.block_m).T                     # [KB, Mp]
     b_p, sb_p = _pad_n(b, sb, config.block_n)                     # [Np, K], [ceil(Np/128), KB]
+    sb_p = _scales_for_tma(sb_p)                                  # [KB, NBp]
     mp, n_pad = a_p.shape[0], b_p.shape[0]
     body = functools.partial(_dense_kernel, k=k, config=config)
     out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // config.block_m),
@@ -319,6 +330,7 @@ def _contiguous_impl(a, sa, b, sb, m_indices, *, out_dtype, interpret, config):
     a_p = _pad_rows(a, 0, bm)
     sa_t = _pad_rows(sa, 0, bm).T                                  # [KB, Mp]
     b_p, sb_p = _pad_n(b, sb, config.block_n)                      # [G, Np, K]
+    sb_p = _scales_for_tma(sb_p)                                   # [G, KB, NBp]
     mp, n_pad = a_p.shape[0], b_p.shape[1]
     body = functools.partial(_contiguous_kernel, k=k, config=config)
     tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, _tile_groups(idx, bm))  # [Mp/bm]
@@ -368,6 +380,7 @@ def m_grouped_fp8_gemm_nt_masked(
     a_p = _pad_rows(a, 1, bm)                                      # [G, Mp, K]
     sa_t = jnp.swapaxes(_pad_rows(sa, 1, bm), 1, 2)                # [G, KB, Mp]
     b_p, sb_p = _pad_n(b, sb, config.block_n)                      # [G, Np, K]
+    sb_p = _scales_for_tma(sb_p)                                   # [G, KB, NBp]
     mp, n_pad = a_p.shape[1], b_p.shape[1]
     valid = jnp.clip(masked_m.astype(jnp.int32), 0, m_max)         # [G]
     body = functools.partial(_masked_kernel, k=k, config=config)

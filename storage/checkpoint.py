@@ -82,10 +82,17 @@ def config_diff(saved: dict, live: dict) -> list[str]:
 
 # ---- the manager --------------------------------------------------------------------------------
 
+def _target(x):
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:      # an nnx.eval_shape model
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return x
+
+
 def _abstract(state: nnx.State) -> nnx.State:
-    """Shape, dtype and the live sharding of every array: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-                        if isinstance(x, jax.Array) else x, state)
+    """Shape, dtype and sharding of every array (live, or from an abstract model): the restore target."""
+    return jax.tree.map(_target, state)
 
 
 class Checkpointer:
@@ -144,7 +151,10 @@ class Checkpointer:
 
     def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, data_iter=None, *,
                 step: int | None = None) -> int:
-        """Restore `step` (default latest) in place onto the live objects' shardings; returns the step."""
+        """Restore `step` (default latest) in place onto the live objects' shardings; returns the step.
+
+        `model` may be abstract (`nnx.eval_shape(lambda: Transformer(cfg, rngs=...))`, already sharded
+        or not): it is filled without ever being initialised."""
         step = self._resolve(step)
         saved, live = self.read_config(step), config_to_json(model.cfg)
         if diff := config_diff(saved, live):
@@ -158,6 +168,9 @@ class Checkpointer:
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         items = dict(state=ocp.args.PyTreeRestore(target, restore_args=restore_args))
         if data_iter is not None:
+            if not (self.directory / str(step) / "data").exists():
+                raise FileNotFoundError(f"checkpoint {self.directory}/{step} holds no data-iterator state (it was "
+                                        f"saved without one); restore without data_iter")
             items["data"] = DataStateRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         nnx.update(model, restored.state["model"])

@@ -82,6 +82,21 @@ def test_another_config_is_a_clear_error(tmp_path, trained):
             ckpt.restore(m, step=7)
 
 
+def test_restores_into_an_abstract_model_without_initialising(tmp_path, corpus_dir, trained):
+    m, _, _ = trained
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, m)
+    abstract = nnx.eval_shape(lambda: model.Transformer(CFG, rngs=nnx.Rngs(0)))
+    loader = make_loader(corpus_dir, LoaderConfig(seq_len=32, batch_size=2))
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(FileNotFoundError, match="holds no data-iterator state"):
+            ckpt.restore(abstract, data_iter=loader)
+        assert ckpt.restore(abstract) == 1
+    for a, b in zip(leaves(m), leaves(abstract)):
+        assert isinstance(b, jax.Array)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_keeps_the_last_n(tmp_path, trained):
     m, _, _ = trained
     with Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:

@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import model  # noqa: E402
-from storage import Checkpointer, KVTier, LoaderConfig, make_loader, open_corpus, prepare_embedded_corpus  # noqa: E402
+from storage import (Checkpointer, CorpusSource, KVTier, LoaderConfig, make_loader, open_corpus,  # noqa: E402
+                     prepare_embedded_corpus)
 
 GB = 1e9
 
@@ -50,6 +51,11 @@ def bench_loader(root: Path, compression: str, seq_len: int, batch: int, max_tok
     prepare_embedded_corpus(out, max_tokens=max_tokens, compression=compression, progress=False)
     corpus = open_corpus(out)
     file_bytes, raw_s = min((raw_read(corpus.shard_paths) for _ in range(3)), key=lambda r: r[1])
+    source = CorpusSource(corpus)
+    order = np.random.default_rng(0).permutation(len(source))
+    start = time.perf_counter()
+    records = sum(source[int(i)].size for i in order)                # random access, no pipeline
+    records_s = time.perf_counter() - start
     cfg = LoaderConfig(seq_len=seq_len, batch_size=batch, seed=0, num_epochs=1)
     loader = make_loader(corpus, cfg)
     next(loader)                                               # start the threads
@@ -60,6 +66,10 @@ def bench_loader(root: Path, compression: str, seq_len: int, batch: int, max_tok
     frac = tokens / corpus.num_tokens                          # of the files the loader consumed
     rows = [dict(what=f"raw sequential read ({compression} shards)", size=f"{file_bytes / 1e6:.1f} MB",
                  rate=f"{file_bytes / raw_s / GB:.2f} GB/s (file)", note="")]
+    rows.append(dict(what=f"ArrayRecord random-access read of every document ({compression})",
+                     size=f"{records / 1e6:.2f} M tokens",
+                     rate=f"{records / records_s / 1e6:.1f} M tok/s = {records * 4 / records_s / GB:.3f} GB/s (int32)",
+                     note=f"file bytes {100 * (file_bytes / records_s) / (file_bytes / raw_s):.1f}% of raw"))
     rows.append(dict(what=f"Grain loader, T={seq_len} B={batch} ({compression})",
                      size=f"{tokens / 1e6:.2f} M tokens",
                      rate=f"{tokens / loader_s / 1e6:.2f} M tok/s = {tokens * 4 / loader_s / GB:.3f} GB/s (int32)",
@@ -95,8 +105,8 @@ def bench_checkpoint(root: Path, layers: int, compression: bool) -> list[dict]:
     zstd = "zstd" if compression else "no compression"
     return [dict(what=f"checkpoint save, small preset with {layers} layers, {zstd} (async, to finalize)", size=size,
                  rate=f"{nbytes / save_s / GB:.2f} GB/s", note=f"train loop blocked {blocking:.2f} s"),
-            dict(what=f"checkpoint restore, {zstd} (same shardings)", size=size, rate=f"{nbytes / restore_s / GB:.2f} GB/s",
-                 note="bit-exact" if ok else "MISMATCH")]
+            dict(what=f"checkpoint restore, {zstd} (same shardings)", size=size,
+                 rate=f"{nbytes / restore_s / GB:.2f} GB/s", note="bit-exact" if ok else "MISMATCH")]
 
 
 def bench_kv(root: Path, blocks: int, prefix_blocks: int, reads: int) -> list[dict]:

@@ -109,7 +109,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  save_interval_steps: int = 1, async_save: bool = True, compression: bool = False):
-        self.directory = epath.Path(os.path.abspath(directory)) if "://" not in str(directory) else epath.Path(directory)
+        local = "://" not in str(directory)                            # else gs://, s3://: as given
+        self.directory = epath.Path(os.path.abspath(directory) if local else directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
                                                enable_async_checkpointing=async_save, create=True)
         handlers = dict(state=ocp.PyTreeCheckpointHandler(use_compression=compression),

@@ -137,6 +137,84 @@ def combine(y: Float[Array, "R n D"], handle: Handle, axis: str = AXIS) -> Float
     return _receive(y, handle.is_token_in_rank, axis)
 
 
+# ---- normal mode, ragged layout (ragged_all_to_all on accelerators) ------------------------------------
+
+def ragged_exchange(operand, send_sizes: Int[Array, " R"], cap: int, axis: str = AXIS, *, native: bool):
+    """`jax.lax.ragged_all_to_all` with offsets derived from per-destination sizes.
+
+    operand rows are grouped by destination (send_sizes[d] rows for rank d, in rank order, each at
+    most `cap`); the result has operand.shape[0] rows, received chunks packed in source order.
+    native=False runs the same exchange as fixed [R, cap] blocks through `all_to_all` (XLA:CPU has
+    no ragged-all-to-all), with the semantics of the ragged primitive's documentation.
+    Returns (result, recv_sizes).
+    """
+    R = jax.lax.axis_size(axis)
+    me = jax.lax.axis_index(axis)
+    rows = operand.shape[0]
+    sizes = jax.lax.all_gather(send_sizes, axis)                                  # [R(src), R(dst)]
+    input_offsets = jnp.cumsum(send_sizes) - send_sizes
+    recv_sizes = sizes[:, me]
+    recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
+    output_offsets = (jnp.cumsum(sizes, axis=0) - sizes)[me]                        # where my chunk lands at d
+    if native:
+        out = jax.lax.ragged_all_to_all(operand, jnp.zeros_like(operand), input_offsets.astype(jnp.int32),
+                                        send_sizes.astype(jnp.int32), output_offsets.astype(jnp.int32),
+                                        recv_sizes.astype(jnp.int32), axis_name=axis)
+        return out, recv_sizes
+    slot = jnp.arange(cap)
+    take = jnp.minimum(input_offsets[:, None] + slot, rows - 1)
+    pad = (1,) * (operand.ndim - 1)
+    blocks = jnp.where((slot < send_sizes[:, None]).reshape((R, cap) + pad), operand[take], 0)
+    received = _exchange(blocks, axis)                                              # [R(src), cap, ...]
+    target = jnp.where(slot < recv_sizes[:, None], recv_offsets[:, None] + slot, rows)
+    out = jnp.zeros_like(operand).at[target.reshape(-1)].set(
+        received.reshape((R * cap,) + operand.shape[1:]), mode="drop")
+    return out, recv_sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedHandle:
+    token: Int[Array, " Rn"]          # source token of each sent row (sorted by destination)
+    valid: Bool[Array, " Rn"]
+    send_sizes: Int[Array, " R"]
+    recv_sizes: Int[Array, " R"]
+    num_tokens: int
+    native: bool
+
+
+jax.tree_util.register_dataclass(RaggedHandle, data_fields=["token", "valid", "send_sizes", "recv_sizes"],
+                                 meta_fields=["num_tokens", "native"])
+
+
+def ragged_dispatch(x: Float[Array, "n D"], topk_idx: Int[Array, "n k"], topk_weights: Float[Array, "n k"],
+                    num_experts: int, axis: str = AXIS, *, native: bool):
+    """Normal-mode dispatch in the ragged layout: recv_x [R*n, D] with received rows packed first."""
+    n, D = x.shape
+    R = jax.lax.axis_size(axis)
+    local = num_experts // R
+    layout = get_dispatch_layout(topk_idx, num_experts, R)
+    in_rank = layout.is_token_in_rank
+    key = jnp.where(in_rank.T, jnp.arange(R)[:, None] * n + jnp.arange(n), R * n).reshape(-1)   # dest-major
+    key = jnp.sort(key)
+    valid = key < R * n
+    token, dest = jnp.where(valid, key % n, 0), jnp.where(valid, key // n, -1)
+    mine = (topk_idx[token] // local == dest[:, None]) & (topk_idx[token] >= 0) & valid[:, None]
+    send_idx = jnp.where(mine, topk_idx[token] - dest[:, None] * local, -1)
+    send_w = jnp.where(mine, topk_weights[token], 0)
+    send_sizes = in_rank.sum(0).astype(jnp.int32)
+    recv_x, recv_sizes = ragged_exchange(jnp.where(valid[:, None], x[token], 0), send_sizes, n, axis, native=native)
+    recv_idx = ragged_exchange(send_idx + 1, send_sizes, n, axis, native=native)[0] - 1   # empty rows -> -1
+    recv_w = ragged_exchange(send_w, send_sizes, n, axis, native=native)[0]
+    return recv_x, recv_idx, recv_w, RaggedHandle(token, valid, send_sizes, recv_sizes, n, native)
+
+
+def ragged_combine(y: Float[Array, "Rn D"], handle: RaggedHandle, axis: str = AXIS) -> Float[Array, "n D"]:
+    """Send each received row's expert output back to its source and sum per token."""
+    back, _ = ragged_exchange(y, handle.recv_sizes, handle.num_tokens, axis, native=handle.native)
+    rows = jnp.where(handle.valid, handle.token, handle.num_tokens)
+    return jnp.zeros((handle.num_tokens,) + y.shape[1:], y.dtype).at[rows].add(back, mode="drop")
+
+
 # ---- low-latency mode -------------------------------------------------------------------------------
 
 def quantize_1x128(x: Float[Array, "M D"]) -> tuple[Array, Float[Array, "M G"]]:
@@ -223,6 +301,9 @@ def logical_to_physical(topk_idx: Int[Array, "N k"], log2phy: Int[Array, "E C"],
 @dataclasses.dataclass(frozen=True)
 class EPOptions:
     mode: Literal["normal", "low_latency"] = "normal"
+    # normal mode's exchange: "ragged" (ragged_all_to_all; emulated with all_to_all on CPU), "padded"
+    # (fixed blocks through all_to_all, custom_vjp pair), "auto": ragged on accelerators, padded on CPU
+    exchange: Literal["auto", "ragged", "padded"] = "auto"
     fp8: bool = False                          # low-latency FP8 payload
     max_tokens_per_rank: int | None = None     # low-latency buffer rows (default: tokens per rank)
 
@@ -252,7 +333,15 @@ def ep_routed_experts(x: Float[Array, "N D"], topk_idx: Int[Array, "N k"], topk_
     tokens = P(_token_axes(mesh))
     weights = P("expert")
 
+    exchange = options.exchange
+    if exchange == "auto":
+        exchange = "padded" if jax.default_backend() == "cpu" else "ragged"
+    native = jax.default_backend() != "cpu"
+
     def local(x, idx, w, wg, wu, wd):
+        if options.mode == "normal" and exchange == "ragged":
+            recv_x, recv_idx, recv_w, handle = ragged_dispatch(x, idx, w, E, native=native)
+            return ragged_combine(moe_lib.grouped_experts(recv_x, recv_idx, recv_w, wg, wu, wd), handle)
         if options.mode == "normal":
             recv_x, recv_idx, recv_w, _, handle = dispatch(x, idx, w, E)
             R_, n, D = recv_x.shape

@@ -92,8 +92,9 @@ def _routed(layer, x, mesh, options, placement):
 
 
 CASES = ([("normal", r, red) for r in (2, 4, 8) for red in (False, True)]
+         + [("ragged", r, red) for r in (2, 8) for red in (False, True)]
          + [("ll", r, red) for r in (2, 8) for red in (False, True)] + [("ll16", 8, True)])
-OPTIONS = {"normal": EPOptions("normal"), "ll": EPOptions("low_latency"),
+OPTIONS = {"normal": EPOptions("normal"), "ragged": EPOptions("normal", exchange="ragged"), "ll": EPOptions("low_latency"),
            "ll16": EPOptions("low_latency", max_tokens_per_rank=16)}
 
 
@@ -184,3 +185,30 @@ def test_node_limited_routing_bounds_ranks_per_token():
 
     ranks_per_token = np.asarray(_run_local(mesh, f, r.experts))
     assert ranks_per_token.max() <= 3 and ranks_per_token.min() >= 1
+
+
+def test_native_ragged_exchange_lowers_for_cuda():
+    """The accelerator path (jax.lax.ragged_all_to_all) lowers for CUDA, forward and backward."""
+    from sharding import ep
+    from model.moe import ragged_experts
+    mesh = _mesh(8)
+    layer = _layer()
+    x = jax.random.normal(jax.random.key(0), (64, CFG.d_model))
+    idx = jax.random.randint(jax.random.key(1), (64, 4), 0, E)
+    w = jnp.ones((64, 4))
+    spec = P(("data", "expert"))
+
+    def f(x, idx, w, wg, wu, wd):
+        def local(x, idx, w, wg, wu, wd):
+            recv_x, recv_idx, recv_w, handle = ep.ragged_dispatch(x, idx, w, E, native=True)
+            return ep.ragged_combine(ragged_experts(recv_x, recv_idx, recv_w, wg, wu, wd), handle)
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3 + (P("expert"),) * 3, out_specs=spec,
+                             check_vma=False)(x, idx, w, wg, wu, wd)
+
+    args = (x, idx, w, layer.w_gate[...], layer.w_up[...], layer.w_down[...])
+    checks = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    fwd = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(*args)
+    assert fwd.mlir_module().count("ragged_all_to_all") >= 4            # x, ids, weights out; y back
+    grad = jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 3))
+    bwd = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=checks)(*args)
+    assert "ragged_all_to_all" in bwd.mlir_module()

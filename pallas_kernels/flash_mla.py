@@ -319,23 +319,29 @@ def _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v):
     if cache_seqlens.shape != (batch,) or cache_seqlens.dtype != jnp.int32:
         raise ValueError(f"cache_seqlens must be int32 [{batch}], got "
                          f"{cache_seqlens.dtype} {cache_seqlens.shape}")
-    if not isinstance(cache_seqlens, jax.core.Tracer):
-        seqlens = np.asarray(cache_seqlens)
+    seqlens, table = _concrete(cache_seqlens), _concrete(block_table)
+    if seqlens is not None:                 # checkable only outside jit
         capacity = block_table.shape[1] * PAGE
-        if seqlens.min(initial=0) < 0 or seqlens.max(initial=0) > capacity:
-            worst = int(np.argmax(np.abs(seqlens - capacity / 2)))
+        bad = (seqlens < 0) | (seqlens > capacity)
+        if bad.any():
+            worst = int(np.argmax(bad))
             raise ValueError(f"cache_seqlens[{worst}]={seqlens[worst]} is outside "
                              f"[0, {capacity}] (block_table holds {block_table.shape[1]} pages)")
-    if not isinstance(block_table, jax.core.Tracer):
-        pages = np.asarray(cache_seqlens) if not isinstance(cache_seqlens, jax.core.Tracer) else None
-        table = np.asarray(block_table)
-        if pages is not None:
-            used = np.arange(table.shape[1])[None] < ((pages + PAGE - 1) // PAGE)[:, None]
-            bad = used & ((table < 0) | (table >= num_blocks))
-            if bad.any():
-                i, j = np.argwhere(bad)[0]
-                raise ValueError(f"block_table[{i}, {j}]={table[i, j]} is not a page of the "
-                                 f"cache ({num_blocks=})")
+    if seqlens is not None and table is not None:
+        used = np.arange(table.shape[1])[None] < ((seqlens + PAGE - 1) // PAGE)[:, None]
+        bad = used & ((table < 0) | (table >= num_blocks))
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise ValueError(f"block_table[{i}, {j}]={table[i, j]} is not a page of the "
+                             f"cache ({num_blocks=})")
+
+
+def _concrete(x):
+    """x as a numpy array, or None under a jax transformation (a tracer)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
 
 
 def flash_mla_with_kvcache(

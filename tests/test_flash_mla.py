@@ -130,6 +130,19 @@ def test_kernel_lowers_for_cuda(case):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_benchmark_shapes_lower_for_cuda(s_q):
+    """FlashMLA's benchmark shape (b = 128, s_k = 32768, h_q = 128) with 132 SMs, abstractly."""
+    b, pages = 128, 32768 // fm.PAGE
+    args = (jax.ShapeDtypeStruct((b, s_q, 128, fm.D_QK), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.D_QK), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, pages), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.int32))
+    fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=s_q > 1)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
 def test_metadata_splits_cover_every_page():
     seqlens = jnp.array([0, 1, 64, 65, 1000], jnp.int32)
     # 128 rows per latent head = 2 m-tiles; 20 SMs / (5 sequences x 2 tiles) = 2 splits.

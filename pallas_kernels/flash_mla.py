@@ -14,8 +14,17 @@ The kernel's grid is (m-tile of 64 query rows, split, batch * Hkv). Each CTA run
 warpgroups: warpgroup 2 gathers the split's pages through the block table with TMA into a
 ring of SMEM slots; warpgroups 0 and 1 both compute S = Q K^T for the tile (64 x 64 per page)
 and the online softmax, then each multiplies P by its own half of V (256 of the 512 latent
-dims), so each holds a 64 x 256 f32 accumulator. Every split writes an f32 partial output and
-its log-sum-exp; `_combine` merges the splits with lse weights (plain jnp, fused by XLA).
+dims, as four 64 x 64 f32 accumulators). Every split writes its partial output (normalised,
+bf16) and its log-sum-exp; `_combine` merges the splits with lse weights in f32 (plain jnp,
+fused by XLA).
+
+Known costs of this first version (not yet measured on a GPU):
+- both consumer warpgroups compute the same S = Q K^T (FlashMLA shares P through SMEM
+  instead): ~1.5x the tensor-core work, which matters when compute-bound (h_q = 128, s_q = 2);
+- split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
+  is no room for an f32 staging tile); FlashMLA keeps them in f32;
+- the FP8 cache is dequantised to bf16 by XLA before the kernel, so it saves cache memory but
+  not yet kernel bandwidth.
 """
 
 from __future__ import annotations
@@ -88,7 +97,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
     table_gmem   int32 [B, M]
     q_gmem       bf16  [B, Hkv, Rp / 64, D / 64, 64, 64]   Q in 64 x 64 chunks
     k_gmem       bf16  [N, P, Hkv, D]
-    o_gmem       f32   [B, Hkv, S, Rp, Dv]   partial outputs (normalised within the split)
+    o_gmem       bf16  [B, Hkv, S, Rp, Dv]   partial outputs (normalised within the split)
     lse_gmem     f32   [B, Hkv, S, Rp]       natural-log lse of each split (-inf if empty)
     """
     m_idx = lax.axis_index("m")
@@ -104,7 +113,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
     swizzle = plgpu.SwizzleTransform(128)
 
     def main_loop(q_smem, lse_smem, k_smem, q_bar, k_bars, consumed_bars, done_bar):
-        # q_smem [64, D] bf16; k_smem [slots, P, D] bf16.
+        # q_smem [D / 64, 64, 64] bf16 (Q in chunks); k_smem [slots, P, D] bf16.
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
@@ -163,7 +172,9 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     # Row r of the tile is query position (r // G) of head (r % G); with causal masking the
     # last query position sees the whole cache and each earlier one sees one token less.
     q_pos = lax.div(rows + m_idx * 64, jnp.int32(st.heads_per_kv))
-    limit = seqlen - (st.s_q - 1 - q_pos) if st.causal else jnp.broadcast_to(seqlen, rows.shape)
+    # (Padding rows past R get q_pos >= Sq; the clamp keeps them off the stale tail too.)
+    limit = jnp.minimum(seqlen - (st.s_q - 1 - q_pos), seqlen) if st.causal else \
+        jnp.broadcast_to(seqlen, rows.shape)
 
     plgpu.barrier_wait(q_bar.at[0])
     o_acc = tuple(plgpu.layout_cast(jnp.zeros((64, QUARTER), jnp.float32), wgmma_layout)

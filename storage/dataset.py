@@ -1,14 +1,15 @@
 """The Grain pipeline over a prepared corpus: random access, global shuffle, packing, prefetch.
 
 documents (ArrayRecord, random access) -> shuffle by seed, a fresh permutation each epoch ->
-this process's slice (index p, p + P, p + 2P, ...) -> concat-then-split packing to length T ->
-batch -> thread prefetch. Every stage is a Grain dataset, so the iterator's state is a small
-dict (`get_state` / `set_state`) and a resumed run sees exactly the batches it would have seen.
+this process's slice (index p, p + P, p + 2P, ...) -> concat-then-split packing into [B, T]
+batches -> thread prefetch. Every stage is a Grain dataset, so the iterator's state is a small
+dict (`get_state` / `set_state`: the next document and the offset into it) and a resumed run
+sees exactly the batches it would have seen.
 
 A batch (B = per-process batch, T = sequence length), all [B, T]:
-  tokens       int32    documents packed back to back (padding 0)
+  tokens       int32    documents packed back to back (rows are always full)
   positions    int32    position within the document piece (restarts at 0 for each piece)
-  segment_ids  int32    1, 2, ... per piece within a row; 0 = padding
+  segment_ids  int32    1, 2, ... per piece within a row
   targets      int32    the next token within the same piece (0 where there is none)
   weights      float32  1.0 where `targets` is a real next token, else 0.0
 `model.forward(tokens, positions=positions, segment_ids=segment_ids)` attends within pieces only.
@@ -71,8 +72,6 @@ class LoaderConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None       # None: repeat forever
-    read_threads: int = 4
-    read_buffer: int = 64
     prefetch: int = 2                   # batches prefetched by a background thread; 0: none
     process_index: int | None = None
     process_count: int | None = None
@@ -106,15 +105,72 @@ def documents(source: grain.sources.RandomAccessDataSource, cfg: LoaderConfig) -
     return ds[index::count]
 
 
-def _finish(example: dict) -> dict:
-    tokens, seg = example["tokens"], example["tokens_segment_ids"]
-    same = (seg[..., 1:] == seg[..., :-1]) & (seg[..., 1:] > 0)
-    targets = np.zeros_like(tokens)
-    targets[..., :-1] = np.where(same, tokens[..., 1:], 0)
-    weights = np.zeros(tokens.shape, np.float32)
-    weights[..., :-1] = same
-    return dict(tokens=tokens, positions=example["tokens_positions"], segment_ids=seg,
-                targets=targets, weights=weights)
+class PackedBatches(grain.IterDataset):
+    """Concat-then-split packing of a MapDataset of documents into [B, T] batches, one step per batch.
+
+    Documents are laid end to end; a row is cut every T tokens and the rest of the document
+    continues the next row as a new piece. The state is (next document, offset into it): two ints.
+    A run out of documents drops the incomplete last batch.
+    """
+
+    def __init__(self, docs: grain.MapDataset, seq_len: int, batch_size: int):
+        super().__init__(docs)
+        self.docs, self.seq_len, self.batch_size = docs, seq_len, batch_size
+
+    def __iter__(self) -> _PackedIterator:
+        return _PackedIterator(self.docs, self.seq_len, self.batch_size)
+
+    def __str__(self) -> str:
+        return f"PackedBatches(seq_len={self.seq_len}, batch_size={self.batch_size})"
+
+
+class _PackedIterator(grain.DatasetIterator):
+    def __init__(self, docs: grain.MapDataset, seq_len: int, batch_size: int):
+        super().__init__()
+        self._docs, self._T, self._B = docs, seq_len, batch_size
+        self._arange = np.arange(seq_len, dtype=np.int32)
+        self._next, self._offset, self._doc = 0, 0, None
+
+    def _current(self) -> np.ndarray | None:
+        if self._doc is None:
+            if self._next >= len(self._docs):
+                return None
+            self._doc = self._docs[self._next]
+        return self._doc
+
+    def _fill_row(self, tokens, positions, segments) -> bool:
+        filled, seg = 0, 0
+        while filled < self._T:
+            doc = self._current()
+            if doc is None:
+                return False
+            take = min(self._T - filled, len(doc) - self._offset)
+            seg += 1
+            tokens[filled:filled + take] = doc[self._offset:self._offset + take]
+            positions[filled:filled + take] = self._arange[:take]
+            segments[filled:filled + take] = seg
+            filled, self._offset = filled + take, self._offset + take
+            if self._offset == len(doc):
+                self._next, self._offset, self._doc = self._next + 1, 0, None
+        return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        tokens, positions, segments = (np.zeros((self._B, self._T), np.int32) for _ in range(3))
+        for row in range(self._B):
+            if not self._fill_row(tokens[row], positions[row], segments[row]):
+                raise StopIteration
+        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+        targets = np.zeros_like(tokens)
+        targets[:, :-1] = np.where(same, tokens[:, 1:], 0)
+        weights = np.zeros(tokens.shape, np.float32)
+        weights[:, :-1] = same
+        return dict(tokens=tokens, positions=positions, segment_ids=segments, targets=targets, weights=weights)
+
+    def get_state(self) -> dict:
+        return {"next_document": self._next, "offset": self._offset}
+
+    def set_state(self, state: dict):
+        self._next, self._offset, self._doc = int(state["next_document"]), int(state["offset"]), None
 
 
 def make_dataset(corpus: Corpus | str | os.PathLike | grain.sources.RandomAccessDataSource,
@@ -125,10 +181,7 @@ def make_dataset(corpus: Corpus | str | os.PathLike | grain.sources.RandomAccess
     of int32 token arrays.
     """
     source = CorpusSource(corpus) if isinstance(corpus, (Corpus, str, os.PathLike)) else corpus
-    ds = documents(source, cfg).map(lambda ids: {"tokens": ids})
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
-    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len})
-    ds = ds.batch(cfg.batch_size, drop_remainder=True).map(_finish)
+    ds = PackedBatches(documents(source, cfg), cfg.seq_len, cfg.batch_size)
     if cfg.prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
     return ds

@@ -88,6 +88,7 @@ class ModelConfig:
     param_dtype: DType = "float32"
     dtype: DType = "float32"                # activation / compute dtype
     remat: Remat = "none"
+    fp8: bool = False                       # FP8 GEMMs in linear layers (V3 recipe; model/fp8.py)
     scan_layers: bool = True
     seq_aux_alpha: float = 1e-4             # complementary sequence-wise balance loss
 

@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float
 
 from model.common import cast, param
 from model.config import ModelConfig
+from model.fp8 import project
 from model.norm import RMSNorm
 from model.rope import apply_rope
 
@@ -45,10 +46,10 @@ def queries(p: MLA, x: Float[Array, "B T D"], cos, sin, cfg: ModelConfig):
     """q_nope [B,T,H,K] and roped q_rope [B,T,H,R]."""
     with jax.named_scope("mla/q_proj"):
         if cfg.q_lora_rank is None:
-            q = jnp.einsum("btd,dhk->bthk", x, cast(p.wq, cfg))
+            q = project(x, cast(p.wq, cfg), fp8=cfg.fp8)                             # [B,T,H,K+R]
         else:
-            cq = p.q_norm(jnp.einsum("btd,dq->btq", x, cast(p.wq_a, cfg)))
-            q = jnp.einsum("btq,qhk->bthk", cq, cast(p.wq_b, cfg))
+            cq = p.q_norm(project(x, cast(p.wq_a, cfg), fp8=cfg.fp8))                # [B,T,Q]
+            q = project(cq, cast(p.wq_b, cfg), fp8=cfg.fp8)
     q_nope, q_rope = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
     return q_nope, apply_rope(q_rope, cos, sin)
 
@@ -56,8 +57,8 @@ def queries(p: MLA, x: Float[Array, "B T D"], cos, sin, cfg: ModelConfig):
 def latents(p: MLA, x: Float[Array, "B T D"], cos, sin, cfg: ModelConfig):
     """What the decode cache stores: normalised latent [B,T,C] and roped shared key [B,T,R]."""
     with jax.named_scope("mla/kv_proj"):
-        ckv = p.kv_norm(jnp.einsum("btd,dc->btc", x, cast(p.wkv_a, cfg)))
-        k_rope = jnp.einsum("btd,dr->btr", x, cast(p.wk_rope, cfg))
+        ckv = p.kv_norm(project(x, cast(p.wkv_a, cfg), fp8=cfg.fp8))                 # [B,T,C]
+        k_rope = project(x, cast(p.wk_rope, cfg), fp8=cfg.fp8)                       # [B,T,R]
     return ckv, apply_rope(k_rope, cos, sin)
 
 
@@ -79,7 +80,7 @@ def attend_naive(p: MLA, q_nope, q_rope, ckv, k_rope, mask: Mask, cfg: ModelConf
         probs = _softmax(scores, mask).astype(v.dtype)
         out = jnp.einsum("bhts,bshv->bthv", probs, v)
     with jax.named_scope("mla/o_proj"):
-        return jnp.einsum("bthv,hvd->btd", out, cast(p.wo, cfg))
+        return project(out, cast(p.wo, cfg), contract=2, fp8=cfg.fp8)               # [B,T,D]
 
 
 def attend_absorbed(p: MLA, q_nope, q_rope, ckv_cache, krope_cache, mask: Mask,
@@ -93,7 +94,7 @@ def attend_absorbed(p: MLA, q_nope, q_rope, ckv_cache, krope_cache, mask: Mask,
         out_latent = jnp.einsum("bhts,bsc->bthc", probs, ckv_cache)                  # [B,T,H,C]
         out = jnp.einsum("bthc,chv->bthv", out_latent, cast(p.w_uv, cfg))             # W_UV after attention
     with jax.named_scope("mla/o_proj"):
-        return jnp.einsum("bthv,hvd->btd", out, cast(p.wo, cfg))
+        return project(out, cast(p.wo, cfg), contract=2, fp8=cfg.fp8)               # [B,T,D]
 
 
 def causal_mask(q_positions, kv_positions, q_segments=None, kv_segments=None, kv_valid=None) -> Mask:

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 
 from model.common import RouterBias, cast, param
 from model.config import ModelConfig
+from model.fp8 import project
 
 
 class FFN(nnx.Module):
@@ -36,9 +37,9 @@ class FFN(nnx.Module):
 
 
 def ffn(p: FFN, x: Float[Array, "... D"], cfg: ModelConfig) -> Float[Array, "... D"]:
-    gate = jnp.einsum("...d,df->...f", x, cast(p.w_gate, cfg))
-    up = jnp.einsum("...d,df->...f", x, cast(p.w_up, cfg))
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, cast(p.w_down, cfg))
+    gate = project(x, cast(p.w_gate, cfg), fp8=cfg.fp8)                               # [..., F]
+    up = project(x, cast(p.w_up, cfg), fp8=cfg.fp8)
+    return project(jax.nn.silu(gate) * up, cast(p.w_down, cfg), fp8=cfg.fp8)
 
 
 class MoE(nnx.Module):

@@ -375,6 +375,10 @@ def flash_mla_with_kvcache(
     query position sees one cache token less than the second. A sequence with nothing to
     attend to gives out = 0 and lse = +inf. `num_splits` is accepted for FlashMLA's call
     signature; the split count is the metadata's second dimension.
+
+    Shapes, dtypes and page size are checked always; seqlens beyond the block table and table
+    entries outside the cache only when the arrays are concrete (outside jit). Under jit the
+    schedule is clamped to the table, so a bad seqlen never reads past it.
     """
     del num_splits
     _check_inputs(q, k_cache, block_table, cache_seqlens, head_dim_v)

@@ -5,6 +5,7 @@ shuffled block tables, empty sequences give out = 0 and lse = +inf.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +225,57 @@ def test_benchmark_entries_dry_run():
         assert err < entry.tolerance, (entry.name, err)
         for baseline in entry.baselines.values():
             assert entry.error(baseline(*args), entry.reference(*args)) < entry.tolerance
+
+
+def test_interpret_shim_transposed_and_register_operands():
+    """The interpreter shim against numpy: C = A B^T (B as a transposed SMEM view), then
+    C2 = bf16(C) B (A from registers); the same kernel also lowers for CUDA."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def body(a_gmem, b_gmem, c_gmem, c2_gmem):
+        def scoped(a_smem, b_smem, c_smem, bar):
+            plgpu.copy_gmem_to_smem(a_gmem, a_smem, bar.at[0])
+            plgpu.copy_gmem_to_smem(b_gmem, b_smem, bar.at[1])
+            plgpu.barrier_wait(bar.at[0])
+            plgpu.barrier_wait(bar.at[1])
+
+            def abt(acc):
+                plgpu.wgmma(acc, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
+                return acc[...]
+
+            c = pl.run_scoped(abt, plgpu.ACC((64, 64), jnp.float32))
+
+            def cb(acc):
+                plgpu.wgmma(acc, c.astype(jnp.bfloat16), b_smem)
+                return acc[...]
+
+            c2 = pl.run_scoped(cb, plgpu.ACC((64, 64), jnp.float32))
+            for out, gmem in ((c, c_gmem), (c2, c2_gmem)):
+                c_smem[...] = out
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(c_smem, gmem)
+                plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scoped, plgpu.SMEM((64, 64), jnp.bfloat16, transforms=transforms),
+                      plgpu.SMEM((64, 64), jnp.bfloat16, transforms=transforms),
+                      plgpu.SMEM((64, 64), jnp.float32), plgpu.Barrier(num_barriers=2))
+
+    def call(a, b, interpret):
+        out = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+        kernel = plgpu.kernel(body, out_type=(out, out), **fm._interpret_kwargs(interpret))
+        with fm._interpret_shims(interpret):
+            return kernel(a, b)
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (64, 64), jnp.float32).astype(jnp.bfloat16)
+    b = jax.random.normal(kb, (64, 64), jnp.float32).astype(jnp.bfloat16)
+    c, c2 = jax.jit(functools.partial(call, interpret=True))(a, b)
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(c, a64 @ b64.T, rtol=1e-5, atol=1e-4)
+    c_bf16 = np.asarray(jnp.asarray(c).astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(c2, c_bf16 @ b64, rtol=1e-5, atol=1e-3)
+    jax.export.export(jax.jit(functools.partial(call, interpret=False)),
+                      platforms=["cuda"])(a, b)

@@ -35,6 +35,10 @@ from storage import (Checkpointer, CorpusSource, KVTier, LoaderConfig, make_load
                      prepare_embedded_corpus)
 
 GB = 1e9
+NOTE = ("Raw reads come from the page cache (memory-copy speed), so \"% of raw\" is a worst case; "
+        "the loader is single-threaded Python packing on top of ArrayRecord random access. "
+        "The checkpoint uses the `small` preset's shapes with fewer layers (memory of this host). "
+        "This host is shared: rates vary up to ~2x between runs.")
 
 
 def raw_read(paths, chunk=8 << 20) -> tuple[int, float]:
@@ -166,7 +170,7 @@ def main(argv=None):
         header = (f"\n## Storage: loader vs raw read, checkpoint and KV-tier GB/s\n\n"
                   f"{datetime.date.today()} · {platform.machine()}, {os.cpu_count()} cores (load average "
                   f"{os.getloadavg()[0]:.1f}), jax {jax.__version__} on {jax.default_backend()}, local disk, "
-                  f"page cache warm · `{command}`\n\n")
+                  f"page cache warm · `{command}`\n\n{NOTE}\n\n")
         with open(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", "a") as f:
             f.write(header + text + "\n")
 

@@ -188,7 +188,7 @@ def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.Pa
                 writer.write(ids)
                 num_docs, num_tokens = num_docs + 1, num_tokens + ids.size
             bar.update(path.stat().st_size)
-            bar.set_postfix(docs=num_docs, tokens=num_tokens)
+            bar.set_postfix(docs=num_docs, tokens=num_tokens, refresh=False)
             if max_tokens is not None and num_tokens >= max_tokens:
                 break
     finally:

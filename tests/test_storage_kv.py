@@ -80,6 +80,10 @@ def test_reopen_finds_blocks_and_checks_shape(tmp_path):
     tier(tmp_path).put(toks, ckv, krope)
     again = tier(tmp_path)
     assert len(again) == 2 and again.match(toks) == 2
+    as_url = tier(f"file://{tmp_path}")                                 # a kvstore URL (gs://, s3:// alike)
+    assert as_url.match(toks) == 2
+    as_spec = tier({"driver": "file", "path": str(tmp_path)})           # a kvstore spec
+    np.testing.assert_array_equal(as_spec.get(toks)[1], krope)
     np.testing.assert_array_equal(again.get(toks)[0], ckv)
     with pytest.raises(ValueError, match=r"holds float32\[8, 3, 64, 24\] but this tier is float32\[16, 3, 64, 24\]"):
         tier(tmp_path, capacity=16)

@@ -488,3 +488,55 @@ def memory_table(kind: ScheduleKind, ranks: int, micro_batches: int) -> Memory:
     schedule = make_schedule(kind, ranks, micro_batches)
     return Memory(tuple(len(p) for p in schedule.placement),
                   tuple(_peak_live(acts) for acts in schedule.actions))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+_COLOURS = {  # (kind, rank's second stage?) -> face colour; the second chunk is the darker shade
+    ("F", False): "#f6c89f", ("F", True): "#e58a3c",
+    ("B", False): "#a8d8a8", ("B", True): "#4e9a4e",
+    ("W", False): "#a9c6ea", ("W", True): "#4f7fbf",
+}
+
+
+def _label(schedule: Schedule, m: int) -> str:
+    """Micro-batch number as the README draws it: DualPipe numbers each direction from 0."""
+    half = schedule.micro_batches // 2
+    return str(m - half if schedule.kind == "dualpipe" and m >= half else m)
+
+
+def plot_timeline(schedule: Schedule, timeline: Timeline, path: str, title: str | None = None) -> None:
+    """Draw one row per rank, one box per action at its simulated time: F orange, B green,
+    W blue (split B's are hatched), the rank's second stage in the darker shade, the micro-batch
+    number inside. An F&B pair is one box with a thick black border, F half left, B half right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, ax = plt.subplots(figsize=(max(8.0, timeline.makespan * 0.18), 0.45 * schedule.ranks + 1.2))
+    for r, acts in enumerate(schedule.actions):
+        second = schedule.placement[r][-1] if len(schedule.placement[r]) > 1 else None
+        for a, t0, t1 in zip(acts, timeline.start[r], timeline.end[r]):
+            halves = [(k, s, m) for k, s, m in a.parts()]
+            width = (t1 - t0) / len(halves)
+            for j, (k, s, m) in enumerate(halves):
+                x = t0 + j * width
+                ax.add_patch(Rectangle((x, r - 0.4), width, 0.8, facecolor=_COLOURS[(k, s == second)],
+                                       edgecolor="black", linewidth=0.5, hatch="//" if a.split else None))
+                ax.text(x + width / 2, r, _label(schedule, m), ha="center", va="center", fontsize=7)
+            if a.kind == "FB":
+                ax.add_patch(Rectangle((t0, r - 0.4), t1 - t0, 0.8, fill=False, edgecolor="black", linewidth=2))
+    ax.set_xlim(0, timeline.makespan)
+    ax.set_ylim(schedule.ranks - 0.5, -0.5)
+    ax.set_yticks(range(schedule.ranks), [f"rank {r}" for r in range(schedule.ranks)])
+    ax.set_xlabel("time")
+    ax.set_title(title or f"{schedule.kind}: {schedule.ranks} ranks, {schedule.stages} stages, "
+                          f"{schedule.micro_batches} micro-batches, bubble {timeline.bubble:g}")
+    handles = [Rectangle((0, 0), 1, 1, facecolor=_COLOURS[(k, False)], edgecolor="black") for k in "FBW"]
+    ax.legend(handles, ["F", "B", "W"], loc="upper right", bbox_to_anchor=(1.0, 1.18), ncol=3, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -263,6 +263,19 @@ def dualpipev(ranks: int, micro_batches: int) -> Schedule:
     return Schedule("dualpipev", ranks, stages, micro_batches, placement, route, tuple(actions))
 
 
+def sends(schedule: Schedule, action: Action) -> tuple[tuple[str, int, int, int], ...]:
+    """What `action` sends when it finishes, as (kind, stage, micro_batch, destination rank):
+    an F's output activation to the rank of the next stage, a B's input gradient to the rank of
+    the previous stage, when that rank is another one. W sends nothing. The receiver consumes it
+    in its F of stage + 1, or its B of stage - 1."""
+    out = []
+    for kind, s, m in action.parts():
+        nxt = s + 1 if kind == "F" else s - 1
+        if kind != "W" and 0 <= nxt < schedule.stages and schedule.route[m][nxt] != action.rank:
+            out.append((kind, s, m, schedule.route[m][nxt]))
+    return tuple(out)
+
+
 GENERATORS = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}
 
 

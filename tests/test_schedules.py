@@ -7,7 +7,7 @@ import pytest
 
 from sharding.schedules import (KINDS, Action, Schedule, bubble_formula, dualpipe, dualpipev,
                                 formula_holds, make_schedule, memory_table, one_f_one_b,
-                                plot_timeline, simulate, validate, zb1p)
+                                plot_timeline, sends, simulate, validate, zb1p)
 
 # (kind, ranks): DualPipeV runs PP stages on PP/2 devices, so its ranks 1, 2, 4 are PP 2, 4, 8,
 # and 8 devices (PP 16) is covered too.
@@ -46,6 +46,27 @@ def test_schedules_validate(kind, ranks):
         per_rank_f = [sum(a.kind in ("F", "FB") for a in acts) for acts in schedule.actions]
         per_stage = schedule.stages // ranks
         assert per_rank_f == [per_stage * m] * ranks, "every rank forwards each micro-batch through its stages"
+
+
+@pytest.mark.parametrize("kind,ranks", CASES)
+def test_sends_pair_with_consumers(kind, ranks):
+    """Every cross-rank send has exactly one consumer on the destination rank, and every input
+    that crosses ranks was sent: what the executor will turn into ppermutes."""
+    schedule = make_schedule(kind, ranks, micro_batch_counts(kind, ranks)[0])
+    sent = [(k, s, m, dst) for acts in schedule.actions for a in acts for k, s, m, dst in sends(schedule, a)]
+    assert len(sent) == len(set(sent))
+    needed = set()
+    for r, acts in enumerate(schedule.actions):
+        for a in acts:
+            for k, s, m in a.parts():
+                src = {"F": s - 1, "B": s + 1}.get(k)
+                if src is not None and 0 <= src < schedule.stages and schedule.route[m][src] != r:
+                    needed.add((k, src, m, r))
+    assert set(sent) == needed
+    if kind == "dualpipev":   # the V turns on rank N-1 without a hop: 2N-2 hops each way
+        assert len(sent) == 2 * schedule.micro_batches * (2 * ranks - 2)
+    else:
+        assert len(sent) == 2 * schedule.micro_batches * (ranks - 1)
 
 
 @pytest.mark.parametrize("kind,ranks", CASES)

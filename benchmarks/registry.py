@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 # Modules whose import registers entries (each kernel issue adds its module here).
-ENTRY_MODULES: list[str] = ["benchmarks.entries_deep_gemm"]
+ENTRY_MODULES: list[str] = ["benchmarks.entries_deep_gemm", "benchmarks.entries_flash_mla"]
 
 
 @dataclasses.dataclass(frozen=True)

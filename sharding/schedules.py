@@ -303,7 +303,7 @@ def _deps(part: Part, last_stage: int) -> list[Part]:
     return [("B", s, m)]
 
 
-def _check_structure(schedule: Schedule) -> None:
+def _check_routes(schedule: Schedule) -> None:
     S, M, P = schedule.stages, schedule.micro_batches, schedule.ranks
     if len(schedule.actions) != P or len(schedule.placement) != P:
         raise ValueError(f"expected {P} per-rank action lists and placements")
@@ -313,30 +313,40 @@ def _check_structure(schedule: Schedule) -> None:
         for s, r in enumerate(row):
             if not 0 <= r < P or s not in schedule.placement[r]:
                 raise ValueError(f"route sends stage {s} of micro-batch {m} to rank {r}, which does not hold it")
+
+
+def _count_parts(schedule: Schedule) -> tuple[dict[Part, int], set[tuple[int, int]]]:
+    """How often each (kind, stage, micro_batch) occurs, and which (stage, micro_batch) have a
+    split B; checks each action sits on the rank the route names."""
+    S, M = schedule.stages, schedule.micro_batches
     seen: dict[Part, int] = {}
     split_b: set[tuple[int, int]] = set()
     for r, actions in enumerate(schedule.actions):
         for a in actions:
-            if a.rank != r:
-                raise ValueError(f"{a} is listed on rank {r}")
-            if a.kind not in ("F", "B", "W", "FB"):
-                raise ValueError(f"{a.kind=} is not F, B, W or FB")
-            for kind, s, m in a.parts():
+            if a.rank != r or a.kind not in ("F", "B", "W", "FB"):
+                raise ValueError(f"{a!r} is listed on rank {r} or has an unknown kind")
+            for part in a.parts():
+                _, s, m = part
                 if not (0 <= s < S and 0 <= m < M):
                     raise ValueError(f"{a} names stage {s} / micro-batch {m} outside {S} stages, {M} micro-batches")
                 if schedule.route[m][s] != r:
-                    raise ValueError(f"{a} on rank {r}, but stage {s} of micro-batch {m} runs on rank {schedule.route[m][s]}")
-                seen[(kind, s, m)] = seen.get((kind, s, m), 0) + 1
+                    raise ValueError(f"{a} on rank {r}, but stage {s} of micro-batch {m} "
+                                     f"runs on rank {schedule.route[m][s]}")
+                seen[part] = seen.get(part, 0) + 1
             if a.kind == "B" and a.split:
                 split_b.add((a.stage, a.micro_batch))
-    for s in range(S):
-        for m in range(M):
-            for kind in ("F", "B"):
-                if seen.get((kind, s, m), 0) != 1:
-                    raise ValueError(f"{kind} of stage {s}, micro-batch {m} appears {seen.get((kind, s, m), 0)} times, expected once")
-            want_w = int((s, m) in split_b)
-            if seen.get(("W", s, m), 0) != want_w:
-                raise ValueError(f"W of stage {s}, micro-batch {m} appears {seen.get(('W', s, m), 0)} times, expected {want_w}")
+    return seen, split_b
+
+
+def _check_structure(schedule: Schedule) -> None:
+    _check_routes(schedule)
+    seen, split_b = _count_parts(schedule)
+    for s in range(schedule.stages):
+        for m in range(schedule.micro_batches):
+            for kind, want in (("F", 1), ("B", 1), ("W", int((s, m) in split_b))):
+                got = seen.get((kind, s, m), 0)
+                if got != want:
+                    raise ValueError(f"{kind} of stage {s}, micro-batch {m} appears {got} times, expected {want}")
 
 
 def _run(schedule: Schedule, cost, comm: float = 0.0) -> tuple[list[list[float]], list[list[float]]]:

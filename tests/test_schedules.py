@@ -161,7 +161,7 @@ def test_broken_schedules_fail(kind):
     acts = list(schedule.actions[0])
     # Swap a micro-batch's first backward with its forward on the same rank.
     i_b = next(i for i, a in enumerate(acts) if a.kind in ("B", "FB"))
-    b_stage, b_mb = (acts[i_b].stage, acts[i_b].micro_batch) if acts[i_b].kind == "B" else (acts[i_b].bwd_stage, acts[i_b].bwd_micro_batch)
+    _, b_stage, b_mb = acts[i_b].parts()[-1]
     i_f = next(i for i, a in enumerate(acts) if ("F", b_stage, b_mb) in a.parts())
     swapped = list(acts)
     swapped[i_b], swapped[i_f] = swapped[i_f], swapped[i_b]

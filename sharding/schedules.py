@@ -431,7 +431,9 @@ def simulate(schedule: Schedule, F: float, B: float, W: float, FB: float | None 
     Costs: F a forward chunk, B a *full* backward chunk, W its weight-gradient part (so a split B
     costs B - W and its W costs W), FB = F&B an overlapped forward+backward pair (default F + B,
     no overlap gain). Every action starts when its rank is free and its inputs are done; an input
-    from another rank arrives `comm` later (sends are asynchronous and cost no compute).
+    from another rank arrives `comm` later (sends are asynchronous and cost no compute; nothing
+    waits for a receiver to be ready, so a gap may sit at a different place than in the README's
+    hand-laid figure, while each rank's total idle agrees with it).
 
     Bubble: the largest per-rank idle time, max_r (makespan - busy_r), where makespan runs from
     the first start to the last end over all ranks and busy_r is the sum of rank r's action

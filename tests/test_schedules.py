@@ -233,3 +233,20 @@ def test_plot_timeline_writes_png(kind, ranks, m, tmp_path):
     plot_timeline(schedule, simulate(schedule, 1.0, 2.0, 1.0, 2.5), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def test_dualpipe_matches_readme_figure():
+    """Rank orders read off the DualPipe README figure (8 ranks, 20 micro-batches); the reverse
+    direction's micro-batches are 10..19 here, and on rank 0 they run stage 7."""
+    schedule = dualpipe(8, 20)
+    rank0 = ([f"F0.{m}" for m in range(7)] + ["F7.10", "Bi7.10", "W7.10", "F7.11", "Bi7.11", "W7.11",
+                                               "F7.12", "Bi7.12", "W7.12", "F7.13"]
+             + ["F0.7&B7.13", "F7.14&B0.0", "F0.8&B7.14", "F7.15&B0.1", "F0.9&B7.15", "F7.16&B0.2"]
+             + ["B7.16", "F7.17&B0.3", "B7.17", "F7.18&B0.4", "B7.18", "F7.19&B0.5", "B7.19"]
+             + ["Bi0.6", "W0.6", "Bi0.7", "W0.7", "Bi0.8", "W0.8", "Bi0.9", "W0.9"])
+    assert [str(a) for a in schedule.actions[0]] == rank0
+    rank3_start = ["F3.0", "F4.10", "F3.1", "F4.11", "F3.2", "F4.12", "F3.3", "F4.13",
+                   "F3.4", "B4.10", "F4.14&B3.0", "F3.5&B4.11"]
+    assert [str(a) for a in schedule.actions[3][:12]] == rank3_start
+    # Its idle cells: rank 0 shows 3 + 1 + 1 + 1 = 6 empty cells with F = 1, B = 2, W = 1, F&B = 3.
+    assert simulate(schedule, 1.0, 2.0, 1.0, 3.0).idle[0] == 6.0

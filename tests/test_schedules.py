@@ -250,3 +250,20 @@ def test_dualpipe_matches_readme_figure():
     assert [str(a) for a in schedule.actions[3][:12]] == rank3_start
     # Its idle cells: rank 0 shows 3 + 1 + 1 + 1 = 6 empty cells with F = 1, B = 2, W = 1, F&B = 3.
     assert simulate(schedule, 1.0, 2.0, 1.0, 3.0).idle[0] == 6.0
+
+
+def test_dualpipev_matches_readme_figure():
+    """Rank orders read off the DualPipeV README figure (4 ranks, 8 stages, 10 micro-batches)."""
+    schedule = dualpipev(4, 10)
+    rank0 = ([f"F0.{m}" for m in range(7)] + ["F7.0", "Bi7.0", "W7.0", "F7.1", "Bi7.1", "W7.1",
+                                               "F7.2", "Bi7.2", "W7.2", "F7.3"]
+             + ["F0.7&B7.3", "F7.4&B0.0", "F0.8&B7.4", "F7.5&B0.1", "F0.9&B7.5", "F7.6&B0.2"]
+             + ["B7.6", "F7.7&B0.3", "B7.7", "F7.8&B0.4", "B7.8", "F7.9&B0.5", "B7.9"]
+             + ["Bi0.6", "W0.6", "Bi0.7", "W0.7", "Bi0.8", "W0.8", "Bi0.9", "W0.9"])
+    assert [str(a) for a in schedule.actions[0]] == rank0
+    rank1_start = ["F1.0", "F1.1", "F1.2", "F1.3", "F1.4", "F6.0", "F1.5", "F6.1", "Bi6.0", "W6.0",
+                   "F6.2", "Bi6.1", "W6.1", "F6.3", "F1.6&B6.2", "F6.4&B1.0"]
+    assert [str(a) for a in schedule.actions[1][:16]] == rank1_start
+    rank3_end = ["B4.6", "B3.6", "B4.7", "B3.7", "Bi4.8", "Bi3.8", "Bi4.9", "Bi3.9", "W4.8", "W3.8", "W4.9", "W3.9"]
+    assert [str(a) for a in schedule.actions[3][-12:]] == rank3_end
+    assert simulate(schedule, 1.0, 2.0, 1.0, 3.0).idle[0] == 6.0

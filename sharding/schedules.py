@@ -476,7 +476,9 @@ def formula_holds(kind: ScheduleKind, F: float, B: float, W: float) -> bool:
     """Where the table's bubble is exact for these schedules (comm = 0, M large enough):
     1F1B always; ZB1P when W <= min(F, B - W) (otherwise the first rank's warm-up wait or the
     last rank's start alone exceed it); DualPipe(V) when F == B - W and W <= F, the table's
-    'forward chunk = input-backward chunk' picture, for any F&B between max(F, B) and F + B."""
+    'forward chunk = input-backward chunk' picture, for any F&B between max(F, B) and F + B.
+    Measured more widely: with F >= B - W >= W the bubble is (PP/2 - 1)(F&B + F - 2W), which is
+    the table's value exactly when F == B - W; with F < B - W it is not linear in the costs."""
     if kind == "1f1b":
         return True
     if kind == "zb1p":

@@ -267,3 +267,15 @@ def test_dualpipev_matches_readme_figure():
     rank3_end = ["B4.6", "B3.6", "B4.7", "B3.7", "Bi4.8", "Bi3.8", "Bi4.9", "Bi3.9", "W4.8", "W3.8", "W4.9", "W3.9"]
     assert [str(a) for a in schedule.actions[3][-12:]] == rank3_end
     assert simulate(schedule, 1.0, 2.0, 1.0, 3.0).idle[0] == 6.0
+
+
+@pytest.mark.parametrize("kind,ranks", [("dualpipe", 4), ("dualpipe", 8), ("dualpipev", 2), ("dualpipev", 4)])
+def test_dualpipe_bubble_with_longer_forward(kind, ranks):
+    """Beyond the table: with F >= B - W >= W the measured bubble is (PP/2-1)(F&B + F - 2W); the
+    table's F&B + B - 3W is its F == B - W case."""
+    pp = stages(kind, ranks)
+    for F, B, W, FB in [(2.0, 2.0, 1.0, 3.0), (3.0, 2.5, 0.5, 4.0), (2.0, 3.0, 1.0, 5.0)]:
+        got = simulate(make_schedule(kind, ranks, 2 * ranks + 2), F, B, W, FB).bubble
+        assert got == pytest.approx((pp // 2 - 1) * (FB + F - 2 * W))
+        if F != B - W:
+            assert got != pytest.approx(bubble_formula(kind, ranks, F, B, W, FB))

@@ -1,15 +1,23 @@
 """Train a DeepSeek-V3-style model. `python train.py` trains the tiny preset on the embedded corpus.
 
-The DeepSeek-V3 recipe: AdamW (0.9, 0.95), weight decay 0.1, warmup then cosine, clipping at 1.0,
-MTP loss weight, the sequence-wise balance loss, and the aux-loss-free bias update (gamma).
+The DeepSeek-V3 recipe: AdamW (0.9, 0.95), weight decay 0.1, warmup -> constant -> cosine, gradient
+clipping at 1.0, the MTP loss, the sequence-wise balance loss, optional z-loss, and the aux-loss-free
+bias update (gamma) on expert loads. Data comes packed from the Grain pipeline (storage/); Orbax
+checkpoints hold model, optimizer, data-iterator state and config, and a run resumes from the latest
+one automatically. The final model is also exported in the Hugging Face layout for serve.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import shutil
+import sys
 import time
+import typing
 from pathlib import Path
 
 import jax
@@ -19,64 +27,183 @@ import optax
 from flax import nnx
 
 import model
-from storage.corpus import ByteTokenizer, embedded_corpus
+import sharding
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0}      # dense bf16, for MFU
+
+
+# ---- flags -------------------------------------------------------------------------------------------
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected axis=size pairs over {sharding.MESH_AXES}, e.g. data=2,expert=4")
+        sizes[name] = int(value)
+    return sizes
+
+
+def _coerce(field: dataclasses.Field, text: str):
+    kind = typing.get_type_hints(model.ModelConfig)[field.name]
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(kind):
+        return None
+    base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
+    if base is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--set model.{field.name}={text}: expected true or false")
+        return text.lower() in ("true", "1")
+    return base(text)
+
+
+def config_from_args(args) -> model.ModelConfig:
+    """The preset, the precision/remat flags, then every --set model.FIELD=VALUE; validated."""
+    cfg = model.ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, 16))
+    cfg = cfg.replace(remat=args.remat, fp8=args.precision == "fp8",
+                      dtype="bfloat16" if args.precision in ("bf16", "fp8") else "float32")
+    fields = {f.name: f for f in dataclasses.fields(model.ModelConfig)}
+    changes = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        name = key.removeprefix("model.")
+        if not key.startswith("model.") or name not in fields or not value:
+            raise ValueError(f"--set {item!r}: expected model.FIELD=VALUE with FIELD one of {sorted(fields)}")
+        if name == "rope_scaling":
+            raise ValueError("--set model.rope_scaling is not settable from the command line; use a preset")
+        changes[name] = _coerce(fields[name], value)
+    return cfg.replace(**changes)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", default="tiny", choices=sorted(model.PRESETS))
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--mtp-weight", type=float, default=0.3)
-    p.add_argument("--bias-gamma", type=float, default=1e-3, help="aux-loss-free bias update speed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/tiny", help="where the final checkpoint (HF layout) goes")
-    p.add_argument("--log-every", type=int, default=25)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="tiny", choices=sorted(model.PRESETS))
+    a("--set", action="append", default=[], metavar="model.FIELD=VALUE", help="override a config field")
+    a("--steps", type=int, default=250)
+    a("--batch", type=int, default=8, help="global batch (sequences)")
+    a("--seq-len", type=int, default=128)
+    a("--lr", type=float, default=3e-3)
+    a("--warmup", type=int, default=25)
+    a("--constant", type=float, default=0.0, help="fraction of steps at peak lr before the cosine")
+    a("--min-lr-ratio", type=float, default=0.1)
+    a("--weight-decay", type=float, default=0.1)
+    a("--clip", type=float, default=1.0)
+    a("--mtp-weight", type=float, default=0.3)
+    a("--bias-gamma", type=float, default=1e-3, help="aux-loss-free bias update speed")
+    a("--z-loss", type=float, default=0.0)
+    a("--precision", default="fp32", choices=["fp32", "bf16", "fp8"])
+    a("--remat", default="none", choices=["none", "full", "dots"])
+    a("--mesh", default="", help="e.g. data=2,expert=4 (default: data over all devices)")
+    a("--data", default="", help="a prepared corpus directory (storage.prepare); default: the embedded corpus")
+    a("--out", default="runs/tiny", help="final model, Hugging Face layout (for serve.py)")
+    a("--ckpt-dir", default="", help="Orbax checkpoints (default: OUT-ckpt)")
+    a("--ckpt-every", type=int, default=50)
+    a("--keep", type=int, default=2)
+    a("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    a("--on-nan", default="stop", choices=["stop", "skip"])
+    a("--log-every", type=int, default=25)
+    a("--profile", action="store_true", help="write a JAX profiler trace of steps 3-5 to OUT-profile")
+    a("--seed", type=int, default=0)
+    a("--coordinator", default=os.environ.get("ORCINUS_COORDINATOR", ""), help="host:port for jax.distributed")
+    a("--num-processes", type=int, default=int(os.environ.get("ORCINUS_NUM_PROCESSES", "1")))
+    a("--process-id", type=int, default=int(os.environ.get("ORCINUS_PROCESS_ID", "0")))
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "seq_len", "log_every"):
+    for name in ("steps", "batch", "seq_len", "log_every", "ckpt_every"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.constant < 1 or not 0 <= args.min_lr_ratio <= 1:
+        p.error("--constant must be in [0, 1) and --min-lr-ratio in [0, 1]")
+    try:
+        args.mesh_sizes = _parse_mesh(args.mesh)
+        args.cfg = config_from_args(args)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
-def cross_entropy(logits, targets, valid):
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1)
+# ---- the step ------------------------------------------------------------------------------------------
+
+def batch_from_tokens(tokens) -> dict:
+    """An unpacked [B, T+1] token array as a loader batch (one document per row)."""
+    tokens = jnp.asarray(tokens)
+    B, T = tokens.shape[0], tokens.shape[1] - 1
+    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=jnp.broadcast_to(jnp.arange(T), (B, T)),
+                segment_ids=jnp.zeros((B, T), jnp.int32), weights=jnp.ones((B, T), jnp.float32))
 
 
-def loss_fn(m: model.Transformer, batch, mtp_weight: float):
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = m.forward(inputs)
-    T = inputs.shape[1]
-    main = cross_entropy(out.logits, targets, jnp.ones_like(targets, jnp.float32))
+def _cross_entropy(logits, targets, weights, z_loss: float):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(nll * weights) / total, jnp.sum(lse ** 2 * weights) / total * z_loss
+
+
+def loss_fn(m: model.Transformer, batch: dict, mtp_weight: float, z_loss: float = 0.0):
+    out = m.forward(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    main, z = _cross_entropy(out.logits, batch["targets"], batch["weights"], z_loss)
     mtp = jnp.zeros(())
-    for k in range(m.cfg.mtp_depth):                       # depth k+1 predicts targets shifted by k+1
-        shifted = jnp.pad(targets[:, k + 1:], ((0, 0), (0, k + 1)))
-        valid = (jnp.arange(T) < T - k - 1).astype(jnp.float32)[None].repeat(targets.shape[0], 0)
-        mtp += cross_entropy(out.mtp_logits[k], shifted, valid) / m.cfg.mtp_depth
-    return main + mtp_weight * mtp + out.balance_loss, (main, mtp, out.expert_counts)
+    T = batch["targets"].shape[1]
+    for k in range(1, m.cfg.mtp_depth + 1):            # depth k at position i predicts targets[i + k]
+        shift = lambda a: jnp.pad(a[:, k:], ((0, 0), (0, k)))  # noqa: E731
+        same_doc = shift(batch["segment_ids"]) == batch["segment_ids"]
+        valid = shift(batch["weights"]) * same_doc * (jnp.arange(T) < T - k)
+        mtp += _cross_entropy(out.mtp_logits[k - 1], shift(batch["targets"]), valid, 0.0)[0] / m.cfg.mtp_depth
+    return main + mtp_weight * mtp + out.balance_loss + z, (main, mtp, out.expert_counts)
 
 
-@nnx.jit(static_argnames=("mtp_weight", "gamma"))
-def train_step(m, opt, batch, mtp_weight: float, gamma: float):
-    (loss, (main, mtp, counts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, batch, mtp_weight)
+@nnx.jit(static_argnames=("mtp_weight", "gamma", "z_loss"))
+def train_step(m, opt, batch, mtp_weight: float, gamma: float, z_loss: float = 0.0):
+    if not isinstance(batch, dict):
+        batch = batch_from_tokens(batch)
+    (loss, (main, mtp, counts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, batch, mtp_weight, z_loss)
     opt.update(m, grads)
-    # aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded
+    # aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded ones
     load = counts.astype(jnp.float32)
     delta = gamma * jnp.sign(load.mean(axis=1, keepdims=True) - load)
     n_moe = m.cfg.num_moe_layers
-    if n_moe:
+    if n_moe and m.cfg.router_bias:
         m.moe_layers.ffn.bias.set_value(m.moe_layers.ffn.bias[...] + delta[:n_moe])
     for k, mod in enumerate(m.mtp):
-        mod.block.ffn.bias.set_value(mod.block.ffn.bias[...] + delta[n_moe + k])
+        if m.cfg.router_bias and m.cfg.num_moe_layers:
+            mod.block.ffn.bias.set_value(mod.block.ffn.bias[...] + delta[n_moe + k])
     imbalance = jnp.max(load, axis=1) / jnp.maximum(jnp.mean(load, axis=1), 1e-9)
-    return dict(loss=loss, main=main, mtp=mtp, grad_norm=optax.global_norm(grads), imbalance=imbalance.mean())
+    return dict(loss=loss, main=main, mtp=mtp, grad_norm=optax.tree.norm(grads), imbalance=imbalance.mean(),
+                load=load)
 
 
-def save_atomically(m: model.Transformer, out: Path):
+# ---- the run -------------------------------------------------------------------------------------------
+
+def schedule_for(args) -> optax.Schedule:
+    """Warmup -> constant -> cosine (DeepSeek-V3's shape)."""
+    warmup = min(args.warmup, args.steps // 10)
+    constant = int(args.constant * args.steps)
+    decay = max(args.steps - warmup - constant, 1)
+    return optax.join_schedules([optax.linear_schedule(0.0, args.lr, max(warmup, 1)),
+                                 optax.constant_schedule(args.lr),
+                                 optax.cosine_decay_schedule(args.lr, decay, alpha=args.min_lr_ratio)],
+                                [max(warmup, 1), max(warmup, 1) + constant])
+
+
+def flops_per_token(cfg: model.ModelConfig, seq_len: int) -> float:
+    """Training FLOPs a token: 6 x active parameters + attention scores and values."""
+    d, h = cfg.d_model, cfg.num_heads
+    attn_params = d * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank + cfg.qk_rope_head_dim) + \
+        (cfg.q_lora_rank or d) * h * cfg.qk_head_dim + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + \
+        h * cfg.v_head_dim * d
+    moe_active = 3 * d * cfg.moe_ffn_dim * (cfg.num_experts_per_tok + cfg.num_shared_experts) + d * cfg.num_routed_experts
+    dense = 3 * d * cfg.dense_ffn_dim
+    active = (cfg.num_layers * attn_params + cfg.num_dense_layers * dense + cfg.num_moe_layers * moe_active
+              + 2 * cfg.vocab_size * d)
+    attention = 6 * cfg.num_layers * h * seq_len * (cfg.qk_head_dim + cfg.v_head_dim)
+    return 6 * active + attention
+
+
+def _device_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+
+def _export_atomically(m: model.Transformer, out: Path):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_hf_checkpoint(m, tmp)
@@ -85,44 +212,112 @@ def save_atomically(m: model.Transformer, out: Path):
     tmp.rename(out)
 
 
+def _plots(records: list[dict], loads: np.ndarray | None, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), constrained_layout=True)
+    steps = [r["step"] for r in records]
+    ax1.plot(steps, [r["main"] for r in records], label="main")
+    ax1.plot(steps, [r["mtp"] for r in records], label="MTP")
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    ax1.legend()
+    if loads is not None and loads.size:
+        image = ax2.imshow(loads / loads.sum(1, keepdims=True), aspect="auto", cmap="viridis")
+        ax2.set(xlabel="routed expert", ylabel="MoE layer", title="expert load share (last window)")
+        fig.colorbar(image, ax=ax2)
+    fig.savefig(out.with_name(out.name + "-train.png"), dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    cfg = model.ModelConfig.preset(args.preset, max_seq_len=max(args.seq_len, 16))
-    tok = ByteTokenizer()
-    if cfg.vocab_size < tok.vocab_size:
-        raise SystemExit(f"preset {args.preset} has vocab_size={cfg.vocab_size} < {tok.vocab_size} byte tokens")
-    corpus = embedded_corpus()
-    print(f"corpus: {len(corpus):,} tokens (Python {'.'.join(map(str, __import__('sys').version_info[:2]))} stdlib)")
-    m = model.Transformer(cfg, rngs=nnx.Rngs(args.seed))
-    print(f"model: {args.preset}, {model.param_count(m):,} parameters, devices: {jax.devices()}")
-    warmup = min(args.warmup, args.steps // 10)        # short runs keep most steps for the cosine
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
-    opt = nnx.Optimizer(m, tx, wrt=nnx.Param)
-    rng = np.random.default_rng(args.seed)
+    from storage import Checkpointer, LoaderConfig, make_loader, open_corpus, prepare_embedded_corpus
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    cfg = args.cfg
+    mesh = sharding.make_mesh(**args.mesh_sizes) if args.mesh_sizes else sharding.make_mesh()
+    if args.batch % (mesh.shape["data"] * mesh.shape["expert"]):
+        raise SystemExit(f"--batch {args.batch} must divide over data x expert = "
+                         f"{mesh.shape['data'] * mesh.shape['expert']} devices")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(out.with_suffix(".jsonl"), "w")
-    start, tokens_seen = time.perf_counter(), 0
-    for step in range(1, args.steps + 1):
-        starts = rng.integers(0, len(corpus) - args.seq_len - 1, args.batch)
-        batch = jnp.asarray(np.stack([corpus[s:s + args.seq_len + 1] for s in starts]))
-        metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma)
-        tokens_seen += args.batch * args.seq_len
-        if step % args.log_every == 0 or step == 1 or step == args.steps:
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not np.isfinite(metrics["loss"]):
-                raise SystemExit(f"step {step}: loss is {metrics['loss']}; stopping (nothing saved this run)")
-            elapsed = time.perf_counter() - start
-            record = dict(step=step, lr=float(schedule(step)), tokens_per_s=tokens_seen / elapsed, **metrics)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"step {step:5d}  loss {metrics['main']:.3f}  mtp {metrics['mtp']:.3f}  "
-                  f"|g| {metrics['grad_norm']:.2f}  load max/mean {metrics['imbalance']:.2f}  "
-                  f"{record['tokens_per_s']:.0f} tok/s")
-    save_atomically(m, out)
-    print(f"saved {out} (Hugging Face layout; load with model.load_hf_checkpoint)")
+    corpus_dir = Path(args.data) if args.data else out.parent / "data" / "embedded"
+    if not args.data and not (corpus_dir / "manifest.json").exists():
+        prepare_embedded_corpus(corpus_dir, progress=jax.process_index() == 0)
+    corpus = open_corpus(corpus_dir)
+    loader = make_loader(corpus, LoaderConfig(seq_len=args.seq_len, batch_size=args.batch // jax.process_count(),
+                                              seed=args.seed))
+    m = sharding.shard_model(model.Transformer(cfg, rngs=nnx.Rngs(args.seed)), mesh)
+    schedule = schedule_for(args)
+    tx = optax.chain(optax.clip_by_global_norm(args.clip),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay))
+    if args.on_nan == "skip":
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
+    opt = sharding.shard_model(nnx.Optimizer(m, tx, wrt=nnx.Param), mesh)    # moments follow their params
+    ckpt = Checkpointer(args.ckpt_dir or str(out) + "-ckpt", max_to_keep=args.keep, save_interval_steps=1)
+    start = 0
+    if not args.no_resume and ckpt.latest_step() is not None:
+        start = ckpt.restore(m, opt, loader)
+        print(f"resumed from step {start} ({ckpt.directory})")
+    print(f"model: {args.preset}, {model.param_count(m):,} parameters, mesh {dict(mesh.shape)}, "
+          f"precision {args.precision}; corpus {corpus_dir} ({corpus.num_tokens:,} tokens)")
+    log = open(str(out) + ".jsonl", "a")
+    records, peak, fpt = [], _device_peak(), flops_per_token(cfg, args.seq_len)
+    window_tokens, window_start, loads, step = 0, time.perf_counter(), None, start
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start + 1, args.steps + 1):
+                if args.profile and step == 3:
+                    jax.profiler.start_trace(str(out) + "-profile")
+                batch = {k: sharding.shard_batch(v, mesh) for k, v in next(loader).items()}
+                metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma, args.z_loss)
+                window_tokens += args.batch * args.seq_len
+                if args.profile and step == 5:
+                    jax.block_until_ready(metrics["loss"])
+                    jax.profiler.stop_trace()
+                if step % args.log_every and step not in (start + 1, args.steps):
+                    if step % args.ckpt_every == 0:
+                        ckpt.save(step, m, opt, loader)
+                    continue
+                loads = np.asarray(metrics.pop("load"))
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if not math.isfinite(metrics["loss"]) and args.on_nan == "stop":
+                    raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed
+                record = dict(step=step, lr=float(schedule(step)), tokens_per_s=tps,
+                              mfu=(tps * fpt / (peak * jax.device_count())) if peak else None, **metrics)
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
+                print(f"step {step:5d}  loss {metrics['main']:.3f}  mtp {metrics['mtp']:.3f}  "
+                      f"|g| {metrics['grad_norm']:.2f}  lr {record['lr']:.2e}  load max/mean "
+                      f"{metrics['imbalance']:.2f}  {tps:.0f} tok/s{mfu}", flush=True)
+                window_tokens, window_start = 0, time.perf_counter()
+                if step % args.ckpt_every == 0:
+                    ckpt.save(step, m, opt, loader)
+    except KeyboardInterrupt:
+        ckpt.wait()
+        if ckpt.latest_step() != step and step > start:
+            ckpt.save(step, m, opt, loader, force=True)
+        ckpt.close()
+        print(f"\ninterrupted at step {step}: checkpoint saved in {ckpt.directory}; rerun to resume")
+        sys.exit(130)
+    except FloatingPointError as err:
+        ckpt.close()
+        raise SystemExit(f"{err}; stopping. The last good checkpoint is step {ckpt.latest_step()} in "
+                         f"{ckpt.directory}; rerun with a lower --lr, or --on-nan skip") from None
+    if ckpt.latest_step() != args.steps:
+        ckpt.save(args.steps, m, opt, loader, force=True)
+    ckpt.close()
+    loader.close()
+    if jax.process_index() == 0:
+        _export_atomically(m, out)
+        _plots(records, loads, out)
+        print(f"saved {out} (Hugging Face layout) and {out}-train.png; checkpoints in {ckpt.directory}")
 
 
 if __name__ == "__main__":

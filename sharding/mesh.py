@@ -103,11 +103,10 @@ FSDP_RULES = DEFAULT_RULES.replace(embed="data")
 
 
 def _logical_axes(var: nnx.Variable) -> tuple[str | None, ...]:
+    """The variable's logical axes; none declared (e.g. an optimizer's step count): replicated."""
     meta = var.get_metadata()
     axes = meta.get("out_sharding", meta.get("sharding_names"))
-    if axes is None:
-        raise ValueError(f"variable of shape {var.shape} declares no logical axes")
-    return tuple(axes)
+    return (None,) * len(var.shape) if axes is None else tuple(axes)
 
 
 def _check_divisible(name: str, shape, spec: PartitionSpec, mesh: Mesh):

@@ -7,21 +7,47 @@ import pytest
 import serve
 import train
 
+SMALL = ["--batch", "8", "--seq-len", "32", "--log-every", "2", "--ckpt-every", "2",
+         "--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.moe_ffn_dim=32"]
 
-def test_train_then_serve(tmp_path, capsys):
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from storage import prepare_embedded_corpus
+    path = tmp_path_factory.mktemp("data") / "embedded"
+    prepare_embedded_corpus(path, max_tokens=1 << 20, progress=False)
+    return str(path)
+
+
+def test_train_resume_then_serve(tmp_path, corpus):
     out = tmp_path / "tiny"
-    train.main(["--steps", "4", "--batch", "2", "--seq-len", "32", "--log-every", "2", "--out", str(out)])
+    train.main(["--steps", "4", "--out", str(out), "--data", corpus, *SMALL])
     records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 4]
-    assert all(r["loss"] > 0 for r in records)
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
     assert (out / "config.json").exists() and not (tmp_path / "tiny.tmp").exists()
+    assert (tmp_path / "tiny-train.png").read_bytes()[:4] == b"\x89PNG"
+    train.main(["--steps", "6", "--out", str(out), "--data", corpus, *SMALL])        # resumes at step 4
+    records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 4, 5, 6]
     serve.main(["--checkpoint", str(out), "--max-tokens", "5", "--output", str(tmp_path / "o.jsonl")])
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(rows) == len(serve.PROMPTS) and all(r["tokens"] == 5 for r in rows)
 
 
-def test_bad_flags_fail_before_work(tmp_path):
+@pytest.mark.parametrize("flags, words", [
+    (["--steps", "0"], "must be positive"),
+    (["--set", "model.kv_lora_rank=0"], "kv_lora_rank"),
+    (["--set", "model.nonsense=3"], "FIELD one of"),
+    (["--set", "model.scan_layers=maybe"], "true or false"),
+    (["--mesh", "data=2,bogus=4"], "axis=size"),
+])
+def test_bad_flags_fail_before_work(flags, words, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--steps", "0"])
+        train.main(flags)
+    assert words in capsys.readouterr().err
+
+
+def test_serve_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         serve.main(["--checkpoint", str(tmp_path / "absent")])

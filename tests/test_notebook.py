@@ -19,3 +19,4 @@ def test_quickstart_executes():
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "loss" in text and "->" in text
+    assert "kernel == reference bitwise: True" in text

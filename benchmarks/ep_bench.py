@@ -73,7 +73,7 @@ def main(argv=None):
     mesh = sharding.make_mesh(expert=ranks)
     m = args.tokens // ranks
     rows, base = [], timed(jax.jit(lambda l, x, r: routed_experts(l, x, r, cfg)), layer, x, r)
-    rows.append(["single device (CPU dense-gate experts)", "-", "-", "-", base * 1e3, 1.0])
+    rows.append(["single device (CPU tiled experts)", "-", "-", "-", base * 1e3, 1.0])
     for mode, fp8 in (("normal", False), ("low_latency", False), ("low_latency", True)):
         opts = sharding.EPOptions(mode, fp8=fp8)
         f = jax.jit(lambda l, x, r: sharding.ep_moe(l, x, r, cfg, mesh=mesh, options=opts))

@@ -98,9 +98,15 @@ def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights:
 
     experts[n, j] in [0, G) picks one of the G experts of w_* ([G, D, F], [G, D, F], [G, F, D]);
     -1 marks an empty slot (expert parallelism: that expert lives on another rank). Grouped GEMMs
-    (`ragged_experts`) on accelerators, the dense form on CPU (see `dense_experts`).
+    (`ragged_experts`) on accelerators. XLA:CPU has none, so there the cheaper (by rows of work,
+    known from static shapes) of `tiled_experts` and `dense_experts` runs.
     """
-    impl = dense_experts if jax.default_backend() == "cpu" else ragged_experts
+    if jax.default_backend() != "cpu":
+        return ragged_experts(x, experts, weights, w_gate, w_up, w_down)
+    N, k = experts.shape
+    G, tile = w_gate.shape[0], 32
+    tiled_rows = (-(-N * k // tile) + G) * tile
+    impl = dense_experts if N * G <= tiled_rows else tiled_experts
     return impl(x, experts, weights, w_gate, w_up, w_down)
 
 
@@ -129,8 +135,7 @@ def dense_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: F
                   w_gate, w_up, w_down) -> Float[Array, "N D"]:
     """Every expert on every token, gated by a dense [N, G] weight matrix (zero where not chosen).
 
-    XLA:CPU has no grouped GEMM: its `ragged_dot` computes every group for every row, k times the
-    work of this form. Same results as the grouped path; used on CPU.
+    Cheapest on CPU when there are few tokens (decode): N*G rows of work, no permutation.
     """
     N, k = experts.shape
     G = w_gate.shape[0]
@@ -141,6 +146,43 @@ def dense_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: F
         h = jax.nn.silu(jnp.einsum("nd,gdf->ngf", x, w_gate)) * jnp.einsum("nd,gdf->ngf", x, w_up)
         h = h * gates[:, :G, None].astype(h.dtype)
         return jnp.einsum("ngf,gfd->nd", h, w_down)
+
+
+def tiled_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                  w_gate, w_up, w_down, tile: int = 32) -> Float[Array, "N D"]:
+    """Grouped GEMM from batched tile matmuls: each expert's token copies are padded to whole tiles.
+
+    XLA:CPU has no grouped GEMM (its `ragged_dot` computes every group for every row). Here each
+    tile of `tile` rows belongs to one expert, so a batched matmul against the tiles' gathered
+    weights does the routed work plus at most one partial tile per expert. Static shapes, dropless.
+    """
+    N, k = experts.shape
+    G, D = w_gate.shape[0], x.shape[1]
+    num_tiles = -(-N * k // tile) + G                                       # >= sum_e ceil(size_e / tile)
+    rows = num_tiles * tile
+    with jax.named_scope("moe/permute"):
+        flat = jnp.where(experts < 0, G, experts).reshape(-1)              # [N*k], empty slots -> G
+        sizes = jnp.bincount(flat, length=G + 1)[:G]
+        padded = -(-sizes // tile) * tile
+        padded_start = jnp.cumsum(padded) - padded
+        order = jnp.argsort(flat, stable=True)
+        expert = flat[order]
+        valid = expert < G
+        expert_c = jnp.minimum(expert, G - 1)
+        rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[expert_c]    # position inside its expert
+        dest = jnp.where(valid, padded_start[expert_c] + rank, rows)
+        token = order // k
+        xs = jnp.zeros((rows, D), x.dtype).at[dest].set(x[token], mode="drop").reshape(num_tiles, tile, D)
+        tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile,
+                                                   side="right"), G - 1)
+    with jax.named_scope("moe/experts"):
+        h = (jax.nn.silu(jnp.einsum("tbd,tdf->tbf", xs, w_gate[tile_expert]))
+             * jnp.einsum("tbd,tdf->tbf", xs, w_up[tile_expert]))
+        ys = jnp.einsum("tbf,tfd->tbd", h, w_down[tile_expert]).reshape(rows, D)
+    with jax.named_scope("moe/unpermute"):
+        slot_weight = jnp.where(valid, jnp.where(experts < 0, 0, weights).reshape(-1)[order], 0)
+        ys = jnp.take(ys, dest, axis=0, mode="fill", fill_value=0) * slot_weight[:, None].astype(ys.dtype)
+        return jnp.zeros_like(x).at[token].add(ys)
 
 
 def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:

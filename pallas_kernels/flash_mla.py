@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -395,6 +396,10 @@ def flash_mla_with_kvcache(
         softmax_scale = D_QK ** -0.5
     if k_cache.dtype == jnp.uint8:
         k_cache = dequantize_kv_cache_fp8(k_cache)
+    if interpret:
+        # Here, outside `_flash_mla`'s jit: a cached trace of `_flash_mla` skips its body, and
+        # the interpreter binds whatever wgmma callback is current when it lowers.
+        _install_interpret_shims()
     return _flash_mla(q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata,
                       softmax_scale=float(softmax_scale), causal=bool(causal),
                       interpret=bool(interpret), config=config)
@@ -518,16 +523,38 @@ def _interpret_shims(interpret: bool):
     CUDA (bf16 wgmma supports a transposed B), but the interpreter's wgmma callback reads each
     operand through `to_range`, which only understands indexers. A transpose is a view: read
     the indexed operand, then permute it. The callback also assumes the LHS lives in SMEM;
-    wgmma takes it from registers too (P in PV), and then it arrives as the value. The wrapper is installed once, on the first
-    interpreted call, and defers to the original callback for operands without a transpose.
+    wgmma takes it from registers too (P in PV), and then it arrives as the value. The wrapper
+    defers to the callback it wraps for operands without a transpose or a register LHS.
     """
     if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-
-        if not getattr(gpu_callbacks.wgmma, "_orcinus_transpose_shim", False):
-            gpu_callbacks.wgmma = _wgmma_with_transposes(gpu_callbacks.wgmma)
-            _register_cpu_layout_cast()
+        _install_interpret_shims()
     yield
+
+
+_SHIM_LOCK = threading.Lock()
+
+
+def _install_interpret_shims():
+    """(Re)install the wgmma wrapper unless the current callback is already one of ours.
+
+    Must run before every interpreted call, not once per process: other code swaps
+    `gpu_callbacks.wgmma` too (pallas_kernels/_interpret_shim.py installs a transpose-only
+    wrapper, and its test puts the unpatched callback back, then that wrapper). The
+    interpreter binds the callback current when it lowers the kernel; with one that cannot
+    read a register LHS, the PV wgmma raises in both consumer threads ("Expected shape (5,)
+    but got (64, 64)"), and the producer thread then waits forever on a consumed-slot barrier
+    nobody will arrive at, so the interpreted call hangs instead of failing. Checked by the
+    marker below (not `_orcinus_transpose_shim`, which transpose-only wrappers may carry).
+    """
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    with _SHIM_LOCK:
+        if not getattr(gpu_callbacks.wgmma, "_orcinus_register_lhs_shim", False):
+            gpu_callbacks.wgmma = _wgmma_with_transposes(gpu_callbacks.wgmma)
+        _register_cpu_layout_cast()
+
+
+_LAYOUT_CAST_REGISTERED = False
 
 
 def _register_cpu_layout_cast():
@@ -537,7 +564,10 @@ def _register_cpu_layout_cast():
     from jax._src.interpreters import mlir
     from jax._src.pallas.mosaic_gpu.core import layout_cast_p
 
-    mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
+    global _LAYOUT_CAST_REGISTERED
+    if not _LAYOUT_CAST_REGISTERED:
+        mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
+        _LAYOUT_CAST_REGISTERED = True
 
 
 def _split_transpose(transforms):
@@ -601,7 +631,8 @@ def _wgmma_with_transposes(original):
             logging_info=info)
         return token
 
-    wgmma._orcinus_transpose_shim = True
+    wgmma._orcinus_transpose_shim = True      # _interpret_shim.py keeps it (reads transposes)
+    wgmma._orcinus_register_lhs_shim = True   # also reads a register LHS (see above)
     return wgmma
 
 

@@ -279,3 +279,75 @@ def test_interpret_shim_transposed_and_register_operands():
     np.testing.assert_allclose(c2, c_bf16 @ b64, rtol=1e-5, atol=1e-3)
     jax.export.export(jax.jit(functools.partial(call, interpret=False)),
                       platforms=["cuda"])(a, b)
+
+
+# Pages per CTA 5, 3, 0 and 3 in one split: the ring's fill, refill and drain all run.
+RING = Case("ring_steps_5_3_0_3", (320, 130, 0, 187), s_q=1, h_q=16, causal=False,
+            num_sm_parts=1)
+
+
+def test_interpret_shim_reinstalled_after_the_wgmma_callback_is_swapped():
+    """Regression: a long pytest run hung in tests/test_gpu_suite.py's flash_mla dry entry.
+
+    tests/test_fp8_quant.py swaps `gpu_callbacks.wgmma` (to the unpatched callback, then to
+    _interpret_shim's transpose-only wrapper). flash_mla installed its wrapper only while
+    tracing `_flash_mla`, which a cached trace skips, so the interpreter bound a callback that
+    cannot read PV's register LHS: both consumer threads raised and the producer waited forever
+    on a consumed-slot barrier. The wrapper must be back in place when the interpreter lowers.
+    """
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from pallas_kernels import _interpret_shim
+
+    args, values, table = make_case(RING)
+    fn = lambda *a: run_kernel(RING, a)
+    jax.jit(fn).lower(*args)                           # `_flash_mla` traced (and cached)
+    saved = gpu_callbacks.wgmma
+    gpu_callbacks.wgmma = _interpret_shim._wgmma       # transpose-only: no register LHS
+    try:
+        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)  # new outer jit, cached inner trace
+        assert getattr(gpu_callbacks.wgmma, "_orcinus_register_lhs_shim", False), \
+            "flash_mla's wgmma wrapper was not reinstalled (executing would hang)"
+        out, lse = lowered.compile()(*args)
+    finally:
+        if not getattr(gpu_callbacks.wgmma, "_orcinus_register_lhs_shim", False):
+            gpu_callbacks.wgmma = saved
+    check(RING.name, out, lse, *ground_truth(args[0], values, table, args[3], RING.causal))
+
+
+def test_barrier_protocol_under_random_delays(monkeypatch):
+    """Every barrier wait has its arrivals in any interleaving: random sleeps around the
+    interpreter's barrier arrive/wait (TMA completions arrive through the same method) must
+    neither hang nor trip its phase checks. A hang here is caught by a watchdog."""
+    import random
+    import threading
+    import time
+
+    from jax._src.pallas.mosaic_gpu.interpret import shared_memory
+
+    rng = random.Random(0)
+    wait, arrive = shared_memory.Barrier.wait, shared_memory.Barrier.arrive
+
+    def jitter():
+        time.sleep(rng.random() * 0.003)
+
+    def slow_wait(self, *a, **k):
+        jitter()
+        result = wait(self, *a, **k)
+        jitter()
+        return result
+
+    def slow_arrive(self, *a, **k):
+        jitter()
+        return arrive(self, *a, **k)
+
+    monkeypatch.setattr(shared_memory.Barrier, "wait", slow_wait)
+    monkeypatch.setattr(shared_memory.Barrier, "arrive", slow_arrive)
+    args, values, table = make_case(RING)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(jax.block_until_ready(run_kernel(RING, args))), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "interpreted kernel hung under barrier delays"
+    assert result, "interpreted kernel raised (see the captured output)"
+    check(RING.name + " delayed", *result[0],
+          *ground_truth(args[0], values, table, args[3], RING.causal))

@@ -23,6 +23,7 @@ from flax import nnx  # noqa: E402
 
 import model  # noqa: E402
 import sharding  # noqa: E402
+from benchmarks.gpu_suite import time_fn  # noqa: E402
 from benchmarks.report import publish, table  # noqa: E402
 from model.moe import MoE, route, routed_experts  # noqa: E402
 
@@ -48,16 +49,6 @@ def wire_bytes(topk: np.ndarray, ranks: int, experts: int, d: int, mode: str, fp
     return dict(ragged=ragged / n_total, padded=padded / n_total)
 
 
-def timed(f, *args, repeat=5):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=4096)
@@ -72,12 +63,12 @@ def main(argv=None):
     ranks = 8
     mesh = sharding.make_mesh(expert=ranks)
     m = args.tokens // ranks
-    rows, base = [], timed(jax.jit(lambda l, x, r: routed_experts(l, x, r, cfg)), layer, x, r)
+    rows, base = [], time_fn(jax.jit(lambda l, x, r: routed_experts(l, x, r, cfg)), layer, x, r, repeat=5)
     rows.append(["single device (CPU tiled experts)", "-", "-", "-", base * 1e3, 1.0])
     for mode, fp8 in (("normal", False), ("low_latency", False), ("low_latency", True)):
         opts = sharding.EPOptions(mode, fp8=fp8)
         f = jax.jit(lambda l, x, r: sharding.ep_moe(l, x, r, cfg, mesh=mesh, options=opts))
-        t = timed(f, layer, x, r)
+        t = time_fn(f, layer, x, r, repeat=5)
         b = wire_bytes(topk, ranks, cfg.num_routed_experts, cfg.d_model, mode, fp8, m)
         rows.append([f"EP{ranks} {mode}", "fp8" if fp8 else "bf16", f"{b['ragged']:.0f}", f"{b['padded']:.0f}",
                      t * 1e3, base / t])

@@ -1,4 +1,5 @@
-"""Interpret-mode only: let the Mosaic GPU interpreter's wgmma read transposed SMEM views.
+"""Interpret-mode only: let the Mosaic GPU interpreter's wgmma read transposed SMEM views
+(and a register LHS). The one shim every kernel here uses (fp8_gemm, fp8_quant, flash_mla).
 
 fp8 wgmma on Hopper needs both operands K-major, so a kernel keeps B as [N, K] in SMEM and
 passes `plgpu.transpose_ref(b_smem, (1, 0))`. The CUDA lowering accepts this; the GPU
@@ -13,9 +14,11 @@ reader; operands without a transpose go to the original callback untouched. The 
 callback is only ever called by the interpreter, so compiled and lowered kernels are not
 affected: the interpreted kernel is the same kernel that lowers for CUDA.
 
-The interpreter runs when its pallas_call is lowered (possibly inside an outer `jax.jit`,
-after the kernel wrapper returned), so the wrapper is installed for the process, not for a
-scope. `install()` is idempotent; kernel wrappers call it whenever they run interpreted.
+The interpreter binds the callback current when its pallas_call is lowered (possibly inside
+an outer `jax.jit`, after the kernel wrapper returned), so the wrapper is installed for the
+process, not for a scope. `install()` is idempotent; kernel wrappers call it on every
+interpreted call, outside their own jit (a cached trace would skip it), so a callback swapped
+by other code is put back before the next interpreted kernel lowers.
 
 Second gap, same treatment: `plgpu.layout_cast` (a register-layout hint that Warpgroup-semantics
 layout inference needs, e.g. before a row reduction) has no CPU lowering, so the interpreter,
@@ -71,8 +74,14 @@ def apply_views(read, transforms: tuple[Any, ...]) -> np.ndarray:
 def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array,
            acc_transforms, acc_dtype, a_allocation_key_as_array, a_transforms,
            b_allocation_key_as_array, b_transforms, source_info=None):
-    """`gpu_callbacks.wgmma` that also accepts transposed operand views."""
-    if not (_has_view(a_transforms) or _has_view(b_transforms) or _has_view(acc_transforms)):
+    """`gpu_callbacks.wgmma` that also accepts transposed operand views and a register LHS.
+
+    wgmma may take its LHS from registers (e.g. P in FlashMLA's P·V): the callback then gets
+    the value itself, a 2-D array, where it otherwise gets an SMEM allocation key.
+    """
+    a_in_registers = np.ndim(a_allocation_key_as_array) == 2
+    if not (a_in_registers or _has_view(a_transforms) or _has_view(b_transforms)
+            or _has_view(acc_transforms)):
         return _ORIGINAL_WGMMA(
             token=token, device_id=device_id, grid_point_coords=grid_point_coords,
             thread_id=thread_id, acc_allocation_key_as_array=acc_allocation_key_as_array,
@@ -104,7 +113,8 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
             return apply_views(read, transforms)
         return read(interpret_utils.to_range(transforms))
 
-    a = operand(a_allocation_key_as_array, a_transforms)  # [M, K]
+    a = (np.asarray(a_allocation_key_as_array) if a_in_registers
+         else operand(a_allocation_key_as_array, a_transforms))  # [M, K]
     b = operand(b_allocation_key_as_array, b_transforms)  # [K, N]
     acc_key = key_of(acc_allocation_key_as_array)
     acc_range = interpret_utils.to_range(clean(acc_transforms))
@@ -116,19 +126,11 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
     return token
 
 
-def _handles_transposes(callback) -> bool:
-    # pallas_kernels/flash_mla.py installs its own wrapper (it also reads a wgmma LHS held in
-    # registers) and marks it with this attribute; it reads transposed operands too, so an
-    # installed one is kept rather than replaced (replacing it would break flash_mla's
-    # register-LHS case; it wraps this one when installed after it).
-    return callback is _wgmma or getattr(callback, "_orcinus_transpose_shim", False)
-
-
 def install() -> None:
     """Interpreter: wgmma accepts transposed operands; layout_cast runs on CPU (idempotent)."""
     global _LAYOUT_CAST_ON_CPU
     with _LOCK:
-        if not _handles_transposes(gpu_callbacks.wgmma):
+        if gpu_callbacks.wgmma is not _wgmma:    # other code (tests) may have swapped it
             gpu_callbacks.wgmma = _wgmma
         if not _LAYOUT_CAST_ON_CPU:
             gpu_core.layout_cast_p.def_impl(lambda x, *, new_layout: x)
@@ -138,4 +140,4 @@ def install() -> None:
 
 
 def installed() -> bool:
-    return _handles_transposes(gpu_callbacks.wgmma) and _LAYOUT_CAST_ON_CPU
+    return gpu_callbacks.wgmma is _wgmma and _LAYOUT_CAST_ON_CPU

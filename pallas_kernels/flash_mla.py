@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -517,123 +516,17 @@ def _interpret_kwargs(interpret: bool) -> dict:
 
 @contextlib.contextmanager
 def _interpret_shims(interpret: bool):
-    """Teach the GPU interpreter's wgmma about transposed SMEM operands and register LHS.
-
-    The kernel feeds K^T to wgmma as `plgpu.transpose_ref(page, (1, 0))`, which lowers for
-    CUDA (bf16 wgmma supports a transposed B), but the interpreter's wgmma callback reads each
-    operand through `to_range`, which only understands indexers. A transpose is a view: read
-    the indexed operand, then permute it. The callback also assumes the LHS lives in SMEM;
-    wgmma takes it from registers too (P in PV), and then it arrives as the value. The wrapper
-    defers to the callback it wraps for operands without a transpose or a register LHS.
-    """
+    """Interpreted runs: pallas_kernels/_interpret_shim.py's wgmma (transposed K^T view, P from
+    registers) and the CPU layout_cast rule, (re)installed before the interpreter lowers."""
     if interpret:
         _install_interpret_shims()
     yield
 
 
-_SHIM_LOCK = threading.Lock()
-
-
 def _install_interpret_shims():
-    """(Re)install the wgmma wrapper unless the current callback is already one of ours.
+    from pallas_kernels import _interpret_shim   # interpret-only: touches jax internals
 
-    Must run before every interpreted call, not once per process: other code swaps
-    `gpu_callbacks.wgmma` too (pallas_kernels/_interpret_shim.py installs a transpose-only
-    wrapper, and its test puts the unpatched callback back, then that wrapper). The
-    interpreter binds the callback current when it lowers the kernel; with one that cannot
-    read a register LHS, the PV wgmma raises in both consumer threads ("Expected shape (5,)
-    but got (64, 64)"), and the producer thread then waits forever on a consumed-slot barrier
-    nobody will arrive at, so the interpreted call hangs instead of failing. Checked by the
-    marker below (not `_orcinus_transpose_shim`, which transpose-only wrappers may carry).
-    """
-    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-
-    with _SHIM_LOCK:
-        if not getattr(gpu_callbacks.wgmma, "_orcinus_register_lhs_shim", False):
-            gpu_callbacks.wgmma = _wgmma_with_transposes(gpu_callbacks.wgmma)
-        _register_cpu_layout_cast()
-
-
-_LAYOUT_CAST_REGISTERED = False
-
-
-def _register_cpu_layout_cast():
-    """`plgpu.layout_cast` only has a Mosaic GPU lowering; on CPU (the interpreter evaluates
-    the kernel's arithmetic with XLA:CPU) a register layout means nothing: lower it as the
-    identity, for the CPU platform only."""
-    from jax._src.interpreters import mlir
-    from jax._src.pallas.mosaic_gpu.core import layout_cast_p
-
-    global _LAYOUT_CAST_REGISTERED
-    if not _LAYOUT_CAST_REGISTERED:
-        mlir.register_lowering(layout_cast_p, lambda ctx, x, new_layout: [x], platform="cpu")
-        _LAYOUT_CAST_REGISTERED = True
-
-
-def _split_transpose(transforms):
-    """(indexer transforms, permutation or None); a transpose must come last."""
-    from jax._src.state.types import TransposeTransform
-
-    transforms = tuple(transforms)
-    if transforms and isinstance(transforms[-1], TransposeTransform):
-        rest, perm = transforms[:-1], transforms[-1].permutation
-    else:
-        rest, perm = transforms, None
-    if any(isinstance(t, TransposeTransform) for t in rest):
-        raise NotImplementedError("interpret shim: a transpose must be the last transform")
-    return rest, perm
-
-
-def _wgmma_with_transposes(original):
-    from jax._src.pallas.mosaic.interpret import utils as interpret_utils
-    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as cb
-
-    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array,
-              acc_transforms, acc_dtype, a_allocation_key_as_array, a_transforms,
-              b_allocation_key_as_array, b_transforms, source_info=None):
-        a_rest, a_perm = _split_transpose(cb._remove_noop_transforms(a_transforms))
-        b_rest, b_perm = _split_transpose(cb._remove_noop_transforms(b_transforms))
-        a_in_registers = np.ndim(a_allocation_key_as_array) == 2     # a value, not a key
-        if a_perm is None and b_perm is None and not a_in_registers:
-            return original(
-                token=token, device_id=device_id, grid_point_coords=grid_point_coords,
-                thread_id=thread_id, acc_allocation_key_as_array=acc_allocation_key_as_array,
-                acc_transforms=acc_transforms, acc_dtype=acc_dtype,
-                a_allocation_key_as_array=a_allocation_key_as_array, a_transforms=a_transforms,
-                b_allocation_key_as_array=b_allocation_key_as_array, b_transforms=b_transforms,
-                source_info=source_info)
-        device_id = int(device_id)
-        thread_id = int(thread_id)
-        shared_memory = cb._get_shared_memory()
-        global_thread_id = shared_memory.get_global_thread_id(device_id, thread_id)
-        info = interpret_utils.GPULoggingInfo(
-            device_id=device_id, grid_point_coords=tuple(int(x) for x in grid_point_coords),
-            thread_id=thread_id, source_info=source_info)
-
-        def read(key_array, transforms, perm):
-            key = cb.HostAllocationKey.from_array(key_array)
-            transforms = jax.tree.map(int, transforms)
-            x, _, _ = shared_memory.get_buffer_content(
-                key, interpret_utils.to_range(transforms), global_thread_id, logging_info=info)
-            assert x is not None
-            return x if perm is None else np.transpose(x, perm)
-
-        a = (np.asarray(a_allocation_key_as_array) if a_in_registers
-             else read(a_allocation_key_as_array, a_rest, a_perm))
-        b = read(b_allocation_key_as_array, b_rest, b_perm)
-        acc_key = cb.HostAllocationKey.from_array(acc_allocation_key_as_array)
-        acc_range = interpret_utils.to_range(
-            jax.tree.map(int, cb._remove_noop_transforms(acc_transforms)))
-        acc, _, _ = shared_memory.get_buffer_content(
-            acc_key, acc_range, global_thread_id, logging_info=info)
-        shared_memory.store_buffer_content(
-            acc_key, acc_range, acc + np.matmul(a, b, dtype=acc_dtype), global_thread_id,
-            logging_info=info)
-        return token
-
-    wgmma._orcinus_transpose_shim = True      # _interpret_shim.py keeps it (reads transposes)
-    wgmma._orcinus_register_lhs_shim = True   # also reads a register LHS (see above)
-    return wgmma
+    _interpret_shim.install()
 
 
 # ----------------------------------------------------------------------------- 5. reference

@@ -302,14 +302,14 @@ def test_interpret_shim_reinstalled_after_the_wgmma_callback_is_swapped():
     fn = lambda *a: run_kernel(RING, a)
     jax.jit(fn).lower(*args)                           # `_flash_mla` traced (and cached)
     saved = gpu_callbacks.wgmma
-    gpu_callbacks.wgmma = _interpret_shim._wgmma       # transpose-only: no register LHS
+    gpu_callbacks.wgmma = _interpret_shim._ORIGINAL_WGMMA   # unpatched: no transposes, no register LHS
     try:
         lowered = jax.jit(lambda *a: fn(*a)).lower(*args)  # new outer jit, cached inner trace
-        assert getattr(gpu_callbacks.wgmma, "_orcinus_register_lhs_shim", False), \
-            "flash_mla's wgmma wrapper was not reinstalled (executing would hang)"
+        assert gpu_callbacks.wgmma is _interpret_shim._wgmma, \
+            "the interpreter's wgmma shim was not reinstalled (executing would hang)"
         out, lse = lowered.compile()(*args)
     finally:
-        if not getattr(gpu_callbacks.wgmma, "_orcinus_register_lhs_shim", False):
+        if gpu_callbacks.wgmma is not _interpret_shim._wgmma:
             gpu_callbacks.wgmma = saved
     check(RING.name, out, lse, *ground_truth(args[0], values, table, args[3], RING.causal))
 

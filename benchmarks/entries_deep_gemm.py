@@ -58,14 +58,14 @@ def _scale_cols(sb, n: int):  # [.., NB, KB] -> [.., 1, N]: B's first-K-block sc
 
 # --- dense ------------------------------------------------------------------------------
 
-def _dense(m, n, k):
+def _dense(m, n, k, config: fg.TuningConfig | None = None):
     def make_inputs(dry: bool):
         # Dry: a padded M, and an N that is not a multiple of 128 where the real one is not.
         mm, nn, kk = (min(m, 64) + 36, 192 if n % 128 else 128, 256) if dry else (m, n, k)
         return _operands((), mm, nn, kk, seed=0)
 
     def kernel(a, sa, b, sb, a16, b16, interpret=False):
-        return fg.fp8_gemm_nt((a, sa), (b, sb), interpret=interpret)
+        return fg.fp8_gemm_nt((a, sa), (b, sb), interpret=interpret, config=config)
 
     def reference(a, sa, b, sb, a16, b16):
         return fg.fp8_gemm_nt_reference((a, sa), (b, sb))
@@ -87,12 +87,15 @@ def _dense(m, n, k):
     def nbytes(a, sa, b, sb, *_):
         return float(a.size + b.size + 4 * (sa.size + sb.size) + 2 * a.shape[0] * b.shape[0])
 
+    tag = "" if config is None else (f" block_m={config.block_m} block_n={config.block_n}"
+                                     f" stages={config.max_concurrent_steps}")
     register(KernelEntry(
-        name=f"deep_gemm fp8_gemm_nt m={m} n={n} k={k}",
+        name=f"deep_gemm fp8_gemm_nt m={m} n={n} k={k}{tag}",
         make_inputs=make_inputs, kernel=kernel, reference=reference,
         error=calc_diff, tolerance=1e-5, flops=flops, bytes=nbytes,
-        baselines={"xla_fp8_dot": xla_fp8_dot, "bf16_dot": bf16_dot},
-        bound="compute", peak="fp8", quick=(m, n, k) in ((128, 7168, 16384), (4096, 7168, 16384)),
+        baselines={"xla_fp8_dot": xla_fp8_dot, "bf16_dot": bf16_dot} if config is None else {},
+        bound="compute", peak="fp8",
+        quick=config is None and (m, n, k) in ((128, 7168, 16384), (4096, 7168, 16384)),
     ))
 
 
@@ -194,3 +197,12 @@ for _m, _n, _k in ((64, 2112, 7168), (64, 7168, 16384), (128, 7168, 16384), (409
 _contiguous(4, 8192, 4096, 7168)
 _masked(4, 256, 4096, 7168, expected_m=192)
 _masked(4, 256, 7168, 2048, expected_m=192)
+
+# Tuning sweep at the large dense shape and a decode shape (the defaults are a heuristic
+# until a GPU run measures them): tile shape and pipeline depth.
+for _m, _config in ((4096, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=3)),
+                    (4096, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=6)),
+                    (4096, fg.TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4)),
+                    (128, fg.TuningConfig(block_m=128, block_n=64, max_concurrent_steps=4)),
+                    (128, fg.TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4))):
+    _dense(_m, 7168, 16384, _config)

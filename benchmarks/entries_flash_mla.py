@@ -7,6 +7,7 @@ plain-jnp reference compiled by XLA. Importing this module needs no GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,11 +36,18 @@ def _make_inputs(batch, s_k, h_q, s_q, dry):
     return q, k_cache, jnp.asarray(table), jnp.asarray(seqlens, jnp.int32)
 
 
-def _kernel(q, k_cache, block_table, cache_seqlens, interpret=False):
+def _kernel(q, k_cache, block_table, cache_seqlens, interpret=False, config=fm.TuningConfig()):
     # Interpreted (dry) runs simulate a handful of SMs so the grid stays small.
-    config = fm.TuningConfig(num_sm_parts=4) if interpret else fm.TuningConfig()
+    if interpret:
+        config = dataclasses.replace(config, num_sm_parts=4)
     return fm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens,
                                      causal=q.shape[1] > 1, interpret=interpret, config=config)
+
+
+def _make_fp8_inputs(batch, s_k, h_q, s_q, dry):
+    """As `_make_inputs`, with the cache in FlashMLA's 656-byte FP8 layout."""
+    q, k_cache, table, seqlens = _make_inputs(batch, s_k, h_q, s_q, dry)
+    return q, jax.jit(fm.quantize_kv_cache_fp8)(k_cache), table, seqlens
 
 
 def _reference(q, k_cache, block_table, cache_seqlens):
@@ -94,3 +102,26 @@ for _s_q in (1, 2):
             peak="bf16",
             quick=_s_k == 4096,
         )))
+
+
+# The FP8 cache (656 bytes a token: dequantised by XLA, then the bf16 kernel) at one shape.
+ENTRIES.append(register(KernelEntry(
+    name="flash_mla fp8-cache b=128 s_k=8192 h_q=128 s_q=1",
+    make_inputs=functools.partial(_make_fp8_inputs, 128, 8192, 128, 1),
+    kernel=_kernel, reference=_reference, error=_error, tolerance=1e-5,
+    flops=_flops, bytes=_bytes, baselines={"xla_reference": _reference},
+    bound="memory", peak="bf16", quick=True,
+)))
+
+# Tuning sweep (unmeasured defaults until a GPU run): one page in flight, fewer SM parts.
+for _s_k, _s_q, _name, _config in (
+        (8192, 1, "num_slots=1", fm.TuningConfig(num_slots=1)),
+        *((s_k, s_q, f"num_sm_parts={p}", fm.TuningConfig(num_sm_parts=p))
+          for s_k in (4096, 32768) for s_q in (1, 2) for p in (33, 66))):
+    ENTRIES.append(register(KernelEntry(
+        name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} {_name}",
+        make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
+        kernel=functools.partial(_kernel, config=_config), reference=_reference,
+        error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes, baselines={},
+        bound="memory", peak="bf16", quick=False,
+    )))

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
 import time
 import traceback
 
@@ -102,36 +107,74 @@ def run_entry(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat
     return row
 
 
+def _reexec(argv, rows, ceilings, elapsed):
+    """A CUDA fault (misaligned address, illegal instruction ...) poisons this process's CUDA
+    context: every later launch fails. Save the rows so far and run the rest in a fresh process."""
+    fd, path = tempfile.mkstemp(prefix="gpu_suite_", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(dict(rows=rows, ceilings=dataclasses.asdict(ceilings), elapsed=elapsed), f, default=str)
+    args = [a for a in (sys.argv[1:] if argv is None else argv)]
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i:i + 2]
+    print(f"CUDA fault: continuing in a fresh process ({path})", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.gpu_suite", *args, "--resume", path])
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="only entries marked quick, 3 repetitions")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, kernels interpreted, nothing timed")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     p.add_argument("--only", default="", help="run entries whose name contains this text")
+    p.add_argument("--exact", action="store_true", help="--only names one entry exactly")
+    p.add_argument("--list", action="store_true", help="print the entry names and stop")
+    p.add_argument("--budget", type=float, default=BUDGET_S,
+                   help="seconds after which the remaining entries are skipped (default 480)")
+    p.add_argument("--resume", default="", help=argparse.SUPPRESS)  # state file after a CUDA fault
+    p.add_argument("--out", default="", help="also write the table (suite.md) and rows (suite.json) here")
     args = p.parse_args(argv)
     dry = args.dry_run
+    if args.list:
+        print("\n".join(e.name for e in sorted(registry.entries(), key=lambda e: not e.baselines)))
+        return []
     repeat = 3 if (args.quick or dry) else 10
     start = time.perf_counter()
-    ceilings = measure_ceilings(dry, repeat)
+    rows, seen, done = [], set(), set()
+    if args.resume:     # re-executed after a CUDA fault: keep the rows, ceilings and clock so far
+        state = json.loads(pathlib.Path(args.resume).read_text())
+        rows, ceilings = state["rows"], Ceilings(**state["ceilings"])
+        done = {r["name"] for r in rows}
+        start -= state["elapsed"]
+    else:
+        ceilings = measure_ceilings(dry, repeat)
     print(f"ceilings: copy {ceilings.copy_gbs:.1f} GB/s, bf16 {ceilings.bf16_tflops:.1f} TFLOP/s, "
           f"fp8 {ceilings.fp8_tflops:.1f} TFLOP/s ({jax.devices()[0].device_kind})", flush=True)
-    rows, seen = [], set()
-    for entry in registry.entries():
-        if args.only not in entry.name or (args.quick and not entry.quick):
+    # Entries with XLA baselines (the issues' tables) first, tuning sweeps after them.
+    for entry in sorted(registry.entries(), key=lambda e: not e.baselines):
+        if (entry.name != args.only if args.exact else args.only not in entry.name) or (args.quick and not entry.quick):
             continue
         if dry:   # tiny shapes: entries that differ only in their GPU shapes run the same dry case once
-            key = (getattr(entry.kernel, "__code__", entry.kernel),
+            fn = getattr(entry.kernel, "func", entry.kernel)            # tuning partials: one case
+            key = (getattr(fn, "__code__", fn),
                    tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(entry.make_inputs(True))))
             if key in seen:
                 continue
             seen.add(key)
-        if time.perf_counter() - start > BUDGET_S:
+        if entry.name in done:
+            continue
+        if time.perf_counter() - start > args.budget:
             rows.append(dict(name=entry.name, ok=False, note="skipped: time budget spent"))
             continue
         rows.append(run_entry(entry, ceilings, dry, repeat))
         r = rows[-1]
         print(f"{r['name']}: {'ok' if r['ok'] else 'FAIL'} err={r['error']:.2e} {r['kernel_ms']:.3g} ms "
+              f"{r['tflops']:.4g} TFLOP/s {r['gbs']:.4g} GB/s {r['roof'] * 100:.3g}% x{r['vs_xla']:.3g} "
               f"{r['note']}", flush=True)
+        if not dry and "CUDA_ERROR" in r["note"]:
+            _reexec(argv, rows, ceilings, time.perf_counter() - start)
     fmt = lambda v, scale=1.0: "-" if v is None or v != v else f"{v * scale:.3g}"  # noqa: E731
     body = (f"Ceilings (XLA): copy {ceilings.copy_gbs:.1f} GB/s, bf16 matmul {ceilings.bf16_tflops:.1f} TFLOP/s, "
             f"fp8 matmul {ceilings.fp8_tflops:.1f} TFLOP/s. Wall time {time.perf_counter() - start:.0f} s.\n\n"
@@ -140,6 +183,11 @@ def main(argv=None) -> list[dict]:
                       fmt(r.get("tflops")), fmt(r.get("gbs")), fmt(r.get("roof"), 100), fmt(r.get("vs_xla")),
                       r.get("note", "")] for r in rows]))
     publish("GPU suite" + (" (dry run)" if dry else ""), body, write=not (args.no_write or dry))
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suite.md").write_text(f"{jax.__version__} {jax.devices()[0].device_kind}\n\n{body}\n")
+        (out / "suite.json").write_text(json.dumps(rows, indent=1, default=str))
     return rows
 
 

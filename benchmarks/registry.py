@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 # Modules whose import registers entries (each kernel issue adds its module here).
-ENTRY_MODULES: list[str] = ["benchmarks.entries_deep_gemm", "benchmarks.entries_flash_mla"]
+ENTRY_MODULES: list[str] = ["benchmarks.entries_deep_gemm", "benchmarks.entries_flash_mla",
+                             "benchmarks.entries_fp8_quant"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,14 +68,16 @@ class TuningConfig:
 
 
 def _config_for(m: int, n: int) -> TuningConfig:
-    """Unmeasured heuristic (no GPU yet). Small M (decode): 64-row tiles, one warpgroup per
+    """Heuristic, partly measured (see below). Small M (decode): 64-row tiles, one warpgroup per
     CTA, block_n 64 so more CTAs stream B, a deep pipeline (~115 KB SMEM, 2 CTAs per SM).
     Otherwise 128x128 tiles: two compute warpgroups share each B tile (half the SMEM traffic
     per FLOP of a 64-row tile) fed by a producer warpgroup (~162 KB SMEM with a bf16 out).
     N not a multiple of 128 takes block_n 64 (no padding when N % 64 == 0)."""
     if m <= 128:
         return TuningConfig(block_m=64, block_n=64, max_concurrent_steps=6)
-    return TuningConfig(block_n=64 if n % 128 else 128)
+    # Measured on an H200 (BENCHMARKS.md, 2026-11-29): 128x128 tiles with 3 stages ran at
+    # 828 TFLOP/s at M=4096, N=7168, K=16384; 4 stages was not measured (time ran out).
+    return TuningConfig(block_n=64 if n % 128 else 128, max_concurrent_steps=3)
 
 
 def _pad_n(b, sb, block_n: int):
@@ -104,7 +106,7 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
     """One [block_m, block_n] output tile.
 
     a_gmem [M, K] e4m3, b_gmem [N, K] e4m3, sa_gmem [KB, M] f32 (transposed A scales),
-    sb_gmem [KB, NBp] f32 (transposed B scales, NB padded to a multiple of 4 for TMA),
+    sb_gmem [KB, NBp] f32 (transposed B scales, NB padded to a multiple of 32 for TMA),
     o_gmem [M, N]; mi, ni: the tile's block indices.
     """
     bm, bn = config.block_m, config.block_n
@@ -243,10 +245,15 @@ def _check_operands(a, sa, b, sb, *, a_lead: tuple, b_lead: tuple, out_dtype):
 
 
 def _scales_for_tma(sb: Float[Array, "... NB KB"]) -> Float[Array, "... KB NBp"]:
-    """B scales as one contiguous row per K block, padded to 16 bytes for the TMA box."""
+    """B scales as one contiguous row per K block, padded to 128 bytes.
+
+    The pipeline keeps one such row per stage back to back in SMEM, and a TMA destination must
+    be 128-byte aligned: a 16-byte pad (enough for the GMEM stride) faulted on the H200 with
+    CUDA_ERROR_MISALIGNED_ADDRESS (N = 2112: 17 scales padded to 20, 80 bytes a stage).
+    """
     if sb.shape[-2] > 256:
         raise ValueError(f"N/128 = {sb.shape[-2]} must be <= 256 (one TMA box of B scales)")
-    return _pad_rows(jnp.swapaxes(sb, -1, -2), sb.ndim - 1, 4)
+    return _pad_rows(jnp.swapaxes(sb, -1, -2), sb.ndim - 1, 32)
 
 
 def _pad_rows(x, axis: int, multiple: int, value=0):

@@ -246,7 +246,8 @@ def test_benchmark_entries_dry_run(report):
     import benchmarks.entries_deep_gemm  # noqa: F401  (registers on import)
     from benchmarks import registry
     entries = [e for e in registry._ENTRIES.values() if e.name.startswith("deep_gemm")]
-    assert len(entries) == 7 and all(e.peak == "fp8" for e in entries)
+    # DeepGEMM's 7 published shapes with XLA baselines, plus tuning-sweep entries without.
+    assert len([e for e in entries if e.baselines]) == 7 and all(e.peak == "fp8" for e in entries)
     for entry in entries:
         args = entry.make_inputs(True)
         err = entry.error(entry.kernel(*args, interpret=INTERPRET), entry.reference(*args))

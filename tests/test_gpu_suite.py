@@ -36,3 +36,42 @@ def test_dry_run_of_every_registered_entry():
     assert {r["name"].split()[0] for r in rows} == kernels          # every kernel's dry case ran
     failed = [(r["name"], r.get("error"), r.get("note")) for r in rows if not r["ok"]]
     assert not failed, failed
+
+
+def test_cuda_fault_continues_in_a_fresh_process(monkeypatch, tmp_path):
+    """A faulting entry re-executes the suite with the rows so far; the resumed run keeps them,
+    reuses the ceilings and the clock, and runs only the entries not yet done."""
+    first = _entry("first", lambda x, interpret: 2 * x)
+    faulty = _entry("faulty", lambda x, interpret: 2 * x)
+    after = _entry("after", lambda x, interpret: 2 * x)
+    monkeypatch.setattr(registry, "entries", lambda: [first, faulty, after])
+
+    def fake_run_entry(entry, ceilings, dry, repeat):
+        note = "FAILED: JaxRuntimeError: CUDA_ERROR_MISALIGNED_ADDRESS" if entry.name == "faulty" else ""
+        return dict(name=entry.name, ok=not note, error=0.0, kernel_ms=1.0, tflops=1.0, gbs=1.0,
+                    roof=0.5, vs_xla=1.0, note=note)
+
+    class Exec(Exception):
+        pass
+
+    calls = []
+    def fake_execv(exe, argv):
+        calls.append(argv)
+        raise Exec
+    monkeypatch.setattr(gpu_suite, "run_entry", fake_run_entry)
+    monkeypatch.setattr(gpu_suite, "measure_ceilings", lambda dry, repeat: gpu_suite.Ceilings(1.0, 2.0, 3.0))
+    monkeypatch.setattr(gpu_suite.os, "execv", fake_execv)
+    with pytest.raises(Exec):
+        gpu_suite.main(["--no-write", "--budget", "100"])
+    argv = calls[0]
+    assert argv[1:3] == ["-m", "benchmarks.gpu_suite"] and argv[-2] == "--resume"
+    assert "--budget" in argv
+
+    def no_ceilings(dry, repeat):
+        raise AssertionError("a resumed run must reuse the ceilings")
+    monkeypatch.setattr(gpu_suite, "measure_ceilings", no_ceilings)
+    monkeypatch.setattr(gpu_suite, "run_entry", lambda entry, *a: dict(
+        fake_run_entry(entry, *a), note="second process"))
+    rows = gpu_suite.main(argv[3:])
+    assert [r["name"] for r in rows] == ["first", "faulty", "after"]
+    assert rows[1]["note"].startswith("FAILED") and rows[2]["note"] == "second process"

@@ -73,8 +73,10 @@ def _softmax(scores: Float[Array, "B H T S"], mask: Mask) -> Float[Array, "B H T
 
 def attend_naive(p: MLA, q_nope, q_rope, ckv, k_rope, mask: Mask, cfg: ModelConfig) -> Float[Array, "B T D"]:
     with jax.named_scope("mla/attention_naive"):
-        k_nope = jnp.einsum("bsc,chk->bshk", ckv, cast(p.w_uk, cfg))
-        v = jnp.einsum("bsc,chv->bshv", ckv, cast(p.w_uv, cfg))
+        # kv_b (W_UK, W_UV): a linear layer, so FP8 under the V3 recipe; the attention core stays
+        # in the compute dtype. The absorbed (inference) form folds these into q and out instead.
+        k_nope = project(ckv, cast(p.w_uk, cfg), fp8=cfg.fp8)                        # [B,S,H,K]
+        v = project(ckv, cast(p.w_uv, cfg), fp8=cfg.fp8)                             # [B,S,H,V]
         scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope)
                   + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope)) * cfg.softmax_scale
         probs = _softmax(scores, mask).astype(v.dtype)

@@ -64,3 +64,30 @@ def test_fp8_model_trains_close_to_full_precision():
     assert abs(float(l_fp8) - float(l_full)) < 0.01 * float(l_full)
     rel, cos = _metrics(g_fp8.moe_layers.attn.wq_b[...], g_full.moe_layers.attn.wq_b[...])
     assert cos > 0.98 and rel > 1e-4
+    # kv_b (W_UK / W_UV) is an FP8 linear too: its gradient moves off the full-precision one
+    # (rel > 1e-4: the FP8 path is taken) but stays aligned with it.
+    for name in ("w_uk", "w_uv"):
+        rel, cos = _metrics(getattr(g_fp8.moe_layers.attn, name)[...], getattr(g_full.moe_layers.attn, name)[...])
+        assert cos > 0.98 and rel > 1e-4, (name, rel, cos)
+
+
+def test_naive_attention_runs_kv_b_and_o_proj_in_fp8():
+    """The training-path attention has three linear layers (W_UK, W_UV: kv_b; W_O): all FP8."""
+    from model import mla
+    cfg = model.ModelConfig.preset("tiny", d_model=128, num_layers=2, moe_ffn_dim=64, dense_ffn_dim=256)
+    m = model.Transformer(cfg.replace(fp8=True), rngs=nnx.Rngs(0))
+    attn = nnx.merge(*nnx.split(m.moe_layers))  # stacked layers: take layer 0's parameters
+    layer0 = jax.tree.map(lambda x: x[0], nnx.state(attn))
+    graphdef = nnx.graphdef(attn)
+    B, T, H = 1, 8, cfg.num_heads
+    q_nope = jnp.ones((B, T, H, cfg.qk_nope_head_dim))
+    q_rope = jnp.ones((B, T, H, cfg.qk_rope_head_dim))
+    ckv, k_rope = jnp.ones((B, T, cfg.kv_lora_rank)), jnp.ones((B, T, cfg.qk_rope_head_dim))
+    mask = mla.causal_mask(jnp.arange(T)[None], jnp.arange(T)[None])
+
+    def count(fp8):
+        c = cfg.replace(fp8=fp8)
+        layer = nnx.merge(graphdef, layer0)
+        jaxpr = jax.make_jaxpr(lambda: mla.attend_naive(layer.attn, q_nope, q_rope, ckv, k_rope, mask, c))()
+        return str(jaxpr).count("custom_vjp_call")
+    assert count(True) == 3 and count(False) == 0

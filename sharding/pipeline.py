@@ -1,0 +1,627 @@
+"""The pipeline executor: runs a `schedules.Schedule` over the mesh's `pipe` axis.
+
+The schedule is data known at trace time, so it is compiled (`compile_schedule`) into a lock-step
+program: global ticks, at each of which every rank runs its next action (F, B, W or F&B) as
+soon as that action's inputs have arrived, or nothing. One `lax.scan` over the ticks runs it
+inside `shard_map`; each rank reads its row of an int32 table [ticks, ranks, fields] and does
+its compute under `lax.cond`/`lax.switch` (an idle rank computes nothing). After the compute, the
+F outputs and B input-gradients move one rank to the right or left with `lax.ppermute` (only the
+directions the schedule uses), and the receiver stores them in a mailbox slot chosen at compile
+time. A stage handing over to a stage on the same rank (DualPipeV's turn) writes its own mailbox.
+
+Backward recomputes the stage's forward from its stored input (the only activation kept per
+micro-batch and stage; no vjp residuals are stored): a full B is one vjp with respect to the
+stage parameters and input; a split B (zero-bubble) is a vjp with respect to the input only and
+its later W a vjp with respect to the parameters only, so the weight-gradient matmuls really
+move to W. The last stage's F adds the loss; its B differentiates the loss through the stage.
+
+Slots are allocated at compile time. Stash: a stage input is live from the start of its F to the
+end of its backward (the B, or the W of a split B); its per-rank peak is the "activations" column
+of `schedules.memory_table` (tests check they are equal). Mailbox: a message is live from its
+arrival to its use (a dy held for a split B's W stays until the W); the table does not model it,
+`Program.mail_peak` reports it. Each buffer has one extra scratch slot that idle ranks write.
+
+Parameters: stage parameters stacked on a leading stage axis [S, ...] (`stage_params`) become the
+rank layout [P, L, ...] (`to_rank_layout`), sharded over `pipe`: rank r holds `placement[r]`, one
+stage for 1F1B/ZB1P, two for DualPipe (r and P-1-r: every stage held twice; the two copies'
+gradients are summed, as DualPipe all-reduces them) and DualPipeV (r and 2P-1-r, the V).
+
+Batch: inputs [M, b, ...] (M micro-batches, b rows) are split over `batch_axes` (default the
+`data` axis) on the row axis; the loss is the mean over micro-batches of `loss_fn`, itself a mean
+over its rows, and averaged over the batch shards, so gradients are summed over batch shards
+(except over an axis a parameter is itself sharded on, e.g. expert weights over `expert`).
+
+Letters: P ranks, S stages, L stages per rank, M micro-batches, T ticks, b rows per micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec
+
+from sharding.schedules import Schedule
+
+PIPE = "pipe"
+
+# Per (tick, rank) fields of the program table. Slot fields hold -1 until the end of compilation,
+# which replaces -1 by the buffer's scratch index.
+FIELDS = (
+    "f_on", "f_j", "f_m", "f_input", "f_src", "f_stash", "f_last", "f_self", "f_out",
+    "b_kind", "b_j", "b_m", "b_x", "b_dy", "b_last", "b_self", "b_dx",
+    "w_on", "w_j", "w_m", "w_x", "w_dy", "w_last",
+    "rx_f_right", "rx_f_left", "rx_b_right", "rx_b_left",
+)
+_F = {name: i for i, name in enumerate(FIELDS)}
+_STASH_FIELDS = ("f_stash", "b_x", "w_x")
+_MAIL_FIELDS = ("f_src", "f_self", "b_dy", "b_self", "w_dy", "rx_f_right", "rx_f_left", "rx_b_right", "rx_b_left")
+_OUT_FIELDS = ("f_out", "b_dx")
+CHANNELS = ("f_right", "f_left", "b_right", "b_left")   # (what moves, direction)
+B_NONE, B_FULL, B_SPLIT = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A schedule compiled to lock-step ticks.
+
+    table[t, r, field]: what rank r does at tick t (see FIELDS); channels: the ppermute
+    directions used; stash_peak[r] / mail_peak[r]: the most stage inputs kept for backward /
+    messages waiting at once on rank r; stash_slots / mail_slots: the buffers' sizes (max over
+    ranks, every rank allocates the same shapes), without the scratch slot.
+    """
+
+    schedule: Schedule
+    training: bool
+    table: np.ndarray
+    channels: tuple[str, ...]
+    stash_peak: tuple[int, ...]
+    mail_peak: tuple[int, ...]
+
+    @property
+    def ticks(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def stash_slots(self) -> int:
+        return max(self.stash_peak)
+
+    @property
+    def mail_slots(self) -> int:
+        return max(self.mail_peak)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation: lock-step ticks, then slot allocation
+# ---------------------------------------------------------------------------------------------
+
+Part = tuple[str, int, int, bool]        # (F/B/W, stage, micro_batch, split)
+
+
+def _rank_parts(schedule: Schedule, training: bool) -> list[list[tuple[Part, ...]]]:
+    """Each rank's ops in order, an op being the parts it runs in one tick (F&B: two)."""
+    out = []
+    for acts in schedule.actions:
+        ops = []
+        for a in acts:
+            parts = tuple((k, s, m, a.split and k == "B") for k, s, m in a.parts())
+            if not training:
+                parts = tuple(p for p in parts if p[0] == "F")
+            if parts:
+                ops.append(parts)
+        out.append(ops)
+    return out
+
+
+def _deps(part: Part, last: int) -> list[tuple[str, int, int]]:
+    kind, s, m, _ = part
+    if kind == "F":
+        return [("F", s - 1, m)] if s > 0 else []
+    if kind == "B":
+        return [("F", s, m)] + ([("B", s + 1, m)] if s < last else [])
+    return [("B", s, m)]
+
+
+def _lockstep(schedule: Schedule, training: bool) -> list[list[tuple[Part, ...] | None]]:
+    """rows[t][r]: the op rank r runs at tick t. A rank runs its next op at the first tick after
+    every input's producer ran (a message sent at the end of tick t is there for tick t + 1)."""
+    ops = _rank_parts(schedule, training)
+    last = schedule.stages - 1
+    done: dict[tuple[str, int, int], int] = {}
+    nxt = [0] * schedule.ranks
+    rows = []
+    while any(n < len(o) for n, o in zip(nxt, ops)):
+        t = len(rows)
+        row: list[tuple[Part, ...] | None] = [None] * schedule.ranks
+        for r, rank_ops in enumerate(ops):
+            if nxt[r] < len(rank_ops):
+                op = rank_ops[nxt[r]]
+                if all(done.get(d, t) < t for p in op for d in _deps(p, last)):
+                    row[r] = op
+        if not any(row):
+            stuck = [(r, o[nxt[r]]) for r, o in enumerate(ops) if nxt[r] < len(o)]
+            raise ValueError(f"schedule deadlocks: ranks wait forever at {stuck}")
+        for r, op in enumerate(row):
+            if op is not None:
+                for kind, s, m, _ in op:
+                    done[(kind, s, m)] = t
+                nxt[r] += 1
+        rows.append(row)
+    return rows
+
+
+def _direction(schedule: Schedule, src: int, dst: int, what: str) -> str:
+    if dst == src:
+        return "self"
+    if abs(dst - src) != 1:
+        raise ValueError(f"{what} goes from rank {src} to rank {dst}; the executor moves data between neighbours only")
+    return "right" if dst == src + 1 else "left"
+
+
+class _Slots:
+    """Lowest-free-slot allocation per rank, with the peak in use."""
+
+    def __init__(self, ranks: int):
+        self.used: list[set[int]] = [set() for _ in range(ranks)]
+        self.peak = [0] * ranks
+
+    def take(self, r: int) -> int:
+        slot = next(i for i in range(len(self.used[r]) + 1) if i not in self.used[r])
+        self.used[r].add(slot)
+        self.peak[r] = max(self.peak[r], len(self.used[r]))
+        return slot
+
+    def free(self, r: int, slot: int) -> None:
+        self.used[r].remove(slot)
+
+
+@functools.lru_cache(maxsize=64)
+def compile_schedule(schedule: Schedule, training: bool = True) -> Program:
+    """Lock-step ticks, stash and mailbox slots, the per-(tick, rank) table. `training=False`
+    keeps only the forwards (inference)."""
+    P, S = schedule.ranks, schedule.stages
+    rows = _lockstep(schedule, training)
+    table = np.zeros((len(rows), P, len(FIELDS)), np.int32)
+    for name in _STASH_FIELDS + _MAIL_FIELDS + _OUT_FIELDS:
+        table[:, :, _F[name]] = -1
+    stash, mail = _Slots(P), _Slots(P)
+    x_slot: dict[tuple[int, int], int] = {}          # (stage, mb) -> stash slot of its input
+    act_mail: dict[tuple[int, int], int] = {}        # (stage, mb) -> mailbox slot of its input
+    dy_mail: dict[tuple[int, int], int] = {}         # (stage, mb) -> mailbox slot of its output grad
+    channels: set[str] = set()
+
+    for t, row in enumerate(rows):
+        frees: list[tuple[_Slots, int, int]] = []
+        sent: list[tuple[int, str, int, int, int]] = []   # (src rank, F/B, stage, mb, dst rank)
+
+        def put(r: int, name: str, value: int) -> None:
+            table[t, r, _F[name]] = value
+
+        for r, op in enumerate(row):
+            for kind, s, m, split in op or ():
+                j = schedule.placement[r].index(s)
+                if kind == "F":
+                    put(r, "f_on", 1), put(r, "f_j", j), put(r, "f_m", m), put(r, "f_last", int(s == S - 1))
+                    if s == 0:
+                        put(r, "f_input", 1)
+                    else:
+                        put(r, "f_src", act_mail.pop((s, m)))
+                        frees.append((mail, r, table[t, r, _F["f_src"]]))
+                    if training:
+                        x_slot[(s, m)] = stash.take(r)
+                        put(r, "f_stash", x_slot[(s, m)])
+                    elif s == S - 1:
+                        put(r, "f_out", m)
+                    if s < S - 1:
+                        sent.append((r, "F", s, m, schedule.route[m][s + 1]))
+                elif kind == "B":
+                    put(r, "b_kind", B_SPLIT if split else B_FULL), put(r, "b_j", j), put(r, "b_m", m)
+                    put(r, "b_x", x_slot[(s, m)]), put(r, "b_last", int(s == S - 1))
+                    if s < S - 1:
+                        put(r, "b_dy", dy_mail[(s, m)])
+                    if not split:
+                        frees.append((stash, r, x_slot.pop((s, m))))
+                        if s < S - 1:
+                            frees.append((mail, r, dy_mail.pop((s, m))))
+                    if s > 0:
+                        sent.append((r, "B", s, m, schedule.route[m][s - 1]))
+                    else:
+                        put(r, "b_dx", m)
+                else:
+                    put(r, "w_on", 1), put(r, "w_j", j), put(r, "w_m", m), put(r, "w_last", int(s == S - 1))
+                    put(r, "w_x", x_slot[(s, m)])
+                    frees.append((stash, r, x_slot.pop((s, m))))
+                    if s < S - 1:
+                        put(r, "w_dy", dy_mail[(s, m)])
+                        frees.append((mail, r, dy_mail.pop((s, m))))
+        for pool, r, slot in frees:          # used during tick t, free for what arrives at its end
+            pool.free(r, int(slot))
+        for src, kind, s, m, dst in sent:
+            slot = mail.take(dst)
+            if kind == "F":
+                act_mail[(s + 1, m)] = slot
+            else:
+                dy_mail[(s - 1, m)] = slot
+            d = _direction(schedule, src, dst, f"{kind} of stage {s}, micro-batch {m}")
+            if d == "self":
+                put(src, "f_self" if kind == "F" else "b_self", slot)
+            else:
+                channel = f"{kind.lower()}_{d}"
+                channels.add(channel)
+                put(dst, f"rx_{channel}", slot)
+
+    if x_slot or act_mail or dy_mail:
+        raise ValueError(f"compiled program leaves values unconsumed: {x_slot=} {act_mail=} {dy_mail=}")
+    for names, scratch in ((_STASH_FIELDS, max(stash.peak)), (_MAIL_FIELDS, max(mail.peak)),
+                           (_OUT_FIELDS, schedule.micro_batches)):
+        for name in names:
+            col = table[:, :, _F[name]]
+            col[col < 0] = scratch
+    return Program(schedule, training, table, tuple(c for c in CHANNELS if c in channels),
+                   tuple(stash.peak), tuple(mail.peak))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _placement(schedule: Schedule) -> np.ndarray:
+    width = {len(p) for p in schedule.placement}
+    if len(width) != 1:
+        raise ValueError(f"every rank must hold the same number of stages, got {schedule.placement}")
+    return np.asarray(schedule.placement, np.int32)                 # [P, L]
+
+
+def to_rank_layout(schedule: Schedule, stage_params):
+    """[S, ...] stage-stacked parameters -> [P, L, ...], rank r's row holding placement[r]."""
+    idx = _placement(schedule)
+    return jax.tree.map(lambda a: a[idx], stage_params)
+
+
+def from_rank_layout(schedule: Schedule, rank_params):
+    """[P, L, ...] -> [S, ...]: each stage from the first (rank, local index) holding it (after
+    `pipeline_value_and_grad` both copies of a DualPipe stage's gradient are equal)."""
+    first = {}
+    for r, stages in enumerate(schedule.placement):
+        for j, s in enumerate(stages):
+            first.setdefault(s, (r, j))
+    rs, js = (np.asarray([first[s][i] for s in range(schedule.stages)]) for i in (0, 1))
+    return jax.tree.map(lambda a: a[rs, js], rank_params)
+
+
+def _duplicate_perms(schedule: Schedule) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """For stages held twice: (j, j2) -> [(r2, r)]: rank r2's local j2 is the same stage as rank
+    r's local j, so r's gradient at j adds what r2 sends from j2."""
+    where: dict[int, list[tuple[int, int]]] = {}
+    for r, stages in enumerate(schedule.placement):
+        for j, s in enumerate(stages):
+            where.setdefault(s, []).append((r, j))
+    perms: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for holders in where.values():
+        if len(holders) > 2:
+            raise ValueError(f"a stage held {len(holders)} times; the executor sums at most two copies")
+        if len(holders) == 2:
+            (r, j), (r2, j2) = holders
+            perms.setdefault((j, j2), []).append((r2, r))
+            perms.setdefault((j2, j), []).append((r, r2))
+    return perms
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """What one tick needs besides the carry (all static but the arrays)."""
+
+    stage_fn: Callable
+    loss_fn: Callable | None
+    program: Program
+    scale: float                                      # cotangent of each micro-batch's loss
+
+
+def _take(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _zeros(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _add_at(tree, j, delta):
+    return jax.tree.map(lambda g, d: g.at[j].add(d.astype(g.dtype)), tree, delta)
+
+
+def _tree_add(a, b):
+    return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
+
+
+def _vjp(fn, primals: tuple, wanted: tuple[bool, ...], cotangent) -> list:
+    """Cotangents of fn(*primals) for the wanted arguments only (zeros for the others): the
+    others are constants of the vjp, so their gradient work is never traced."""
+    idx = [i for i, w in enumerate(wanted) if w]
+
+    def sub(*args):
+        full = list(primals)
+        for i, a in zip(idx, args):
+            full[i] = a
+        return fn(*full)
+
+    _, pullback = jax.vjp(sub, *(primals[i] for i in idx))
+    cts = pullback(cotangent)
+    out = [_zeros(p) for p in primals]
+    for i, c in zip(idx, cts):
+        out[i] = c
+    return out
+
+
+def _stage_vjp(ctx: _Ctx, p, lp, x, dy, tgt, last, wrt: str):
+    """(dx, dp, dlp) of one stage for one micro-batch, recomputing its forward. wrt: "all" (full
+    B), "input" (split B) or "weight" (W). On the last stage the loss is part of the function and
+    its cotangent is `ctx.scale`; dy is then unused."""
+    want_x, want_p = wrt in ("all", "input"), wrt in ("all", "weight")
+
+    def mid():
+        dp, _, dx = _vjp(lambda p_, lp_, x_: ctx.stage_fn(p_, x_), (p, lp, x), (want_p, False, want_x), dy)
+        return dx, dp, _zeros(lp)
+
+    def end():
+        fn = lambda p_, lp_, x_: ctx.loss_fn(lp_, ctx.stage_fn(p_, x_), tgt).astype(jnp.float32)  # noqa: E731
+        dp, dlp, dx = _vjp(fn, (p, lp, x), (want_p, want_p, want_x), jnp.float32(ctx.scale))
+        return dx, dp, dlp
+
+    if ctx.loss_fn is None:
+        return mid()
+    return lax.cond(last, end, mid)
+
+
+def _forward(ctx: _Ctx, params, lp, x, j, tgt, last, on):
+    """y = stage j(x), plus the micro-batch's loss on the last stage; zeros when idle."""
+
+    def run():
+        y = ctx.stage_fn(_take(params, j), x)
+        if ctx.loss_fn is None:
+            return y, jnp.float32(0)
+        loss = lax.cond(last, lambda: ctx.loss_fn(lp, y, tgt).astype(jnp.float32), lambda: jnp.float32(0))
+        return y, loss
+
+    return lax.cond(on, run, lambda: (jnp.zeros_like(x), jnp.float32(0)))
+
+
+def _backward(ctx: _Ctx, params, lp, stash, mail, targets, grads, lgrads, row):
+    """The tick's B (none, full or split): (dx, grads, lgrads)."""
+    g = lambda name: row[_F[name]]  # noqa: E731
+    x, dy, tgt = stash[g("b_x")], mail[g("b_dy")], _take(targets, g("b_m"))
+    p = _take(params, g("b_j"))
+
+    def none():
+        return jnp.zeros_like(x), grads, lgrads
+
+    def full():
+        dx, dp, dlp = _stage_vjp(ctx, p, lp, x, dy, tgt, g("b_last"), "all")
+        return dx, _add_at(grads, g("b_j"), dp), _tree_add(lgrads, dlp)
+
+    def split():
+        dx, _, _ = _stage_vjp(ctx, p, lp, x, dy, tgt, g("b_last"), "input")
+        return dx, grads, lgrads
+
+    return lax.switch(g("b_kind"), (none, full, split))
+
+
+def _weight(ctx: _Ctx, params, lp, stash, mail, targets, grads, lgrads, row):
+    """The tick's W: the parameter gradients of an earlier split B."""
+    g = lambda name: row[_F[name]]  # noqa: E731
+    x, dy, tgt = stash[g("w_x")], mail[g("w_dy")], _take(targets, g("w_m"))
+
+    def run():
+        _, dp, dlp = _stage_vjp(ctx, _take(params, g("w_j")), lp, x, dy, tgt, g("w_last"), "weight")
+        return _add_at(grads, g("w_j"), dp), _tree_add(lgrads, dlp)
+
+    return lax.cond(g("w_on") == 1, run, lambda: (grads, lgrads))
+
+
+def _exchange(program: Program, mail, y, dx, row):
+    """Move this tick's F outputs and B input-gradients to their neighbours' mailboxes."""
+    P = program.schedule.ranks
+    perms = {"right": [(r, r + 1) for r in range(P - 1)], "left": [(r + 1, r) for r in range(P - 1)]}
+    mail = mail.at[row[_F["f_self"]]].set(y).at[row[_F["b_self"]]].set(dx)
+    for channel in program.channels:
+        kind, direction = channel.split("_")
+        with jax.named_scope(f"pipeline/send_{channel}"):
+            got = lax.ppermute(y if kind == "f" else dx, PIPE, perms[direction])
+        mail = mail.at[row[_F[f"rx_{channel}"]]].set(got)
+    return mail
+
+
+def _train_tick(ctx: _Ctx, params, lp, xs, targets, carry, row):
+    stash, mail, grads, lgrads, loss, dxs = carry
+    g = lambda name: row[_F[name]]  # noqa: E731
+    x_in = jnp.where(g("f_input") == 1, xs[g("f_m")], mail[g("f_src")])
+    with jax.named_scope("pipeline/forward"):
+        y, loss_m = _forward(ctx, params, lp, x_in, g("f_j"), _take(targets, g("f_m")), g("f_last") == 1, g("f_on") == 1)
+    with jax.named_scope("pipeline/backward"):
+        dx, grads, lgrads = _backward(ctx, params, lp, stash, mail, targets, grads, lgrads, row)
+    with jax.named_scope("pipeline/weight_grad"):
+        grads, lgrads = _weight(ctx, params, lp, stash, mail, targets, grads, lgrads, row)
+    stash = stash.at[g("f_stash")].set(x_in)
+    dxs = dxs.at[g("b_dx")].set(dx)
+    mail = _exchange(ctx.program, mail, y, dx, row)
+    return (stash, mail, grads, lgrads, loss + loss_m * (1.0 / ctx.program.schedule.micro_batches), dxs)
+
+
+def _infer_tick(ctx: _Ctx, params, xs, carry, row):
+    mail, outs = carry
+    g = lambda name: row[_F[name]]  # noqa: E731
+    x_in = jnp.where(g("f_input") == 1, xs[g("f_m")], mail[g("f_src")])
+    with jax.named_scope("pipeline/forward"):
+        y, _ = _forward(ctx, params, (), x_in, g("f_j"), None, False, g("f_on") == 1)
+    outs = outs.at[g("f_out")].set(y)
+    return _exchange(ctx.program, mail, y, jnp.zeros_like(y), row), outs
+
+
+def _specs(mesh: Mesh, batch_axes: tuple[str, ...], param_specs, rank_params):
+    """in-specs of rank parameters ([P, L, *leaf spec]) and of micro-batched data ([M, b, ...])."""
+    if PIPE not in mesh.axis_names:
+        raise ValueError(f"mesh axes {mesh.axis_names} have no {PIPE!r} axis")
+    missing = [a for a in batch_axes if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"batch axes {missing} are not mesh axes {mesh.axis_names}")
+    if param_specs is None:
+        param_specs = jax.tree.map(lambda _: PartitionSpec(), rank_params)
+    pspecs = jax.tree.map(lambda s: PartitionSpec(PIPE, None, *s), param_specs,
+                          is_leaf=lambda s: isinstance(s, PartitionSpec))
+    batch = PartitionSpec(None, batch_axes if batch_axes else None)
+    return param_specs, pspecs, batch
+
+
+def _batch_shards(mesh: Mesh, batch_axes: tuple[str, ...]) -> int:
+    return int(np.prod([mesh.shape[a] for a in batch_axes]))
+
+
+def _check_shapes(schedule: Schedule, stage_fn, rank_params, xs):
+    P, L = _placement(schedule).shape
+    lead = {a.shape[:2] for a in jax.tree.leaves(rank_params)}
+    if lead != {(P, L)}:
+        raise ValueError(f"rank parameters must lead with [P={P}, L={L}] (to_rank_layout), got {lead}")
+    if xs.shape[0] != schedule.micro_batches:
+        raise ValueError(f"inputs lead with {xs.shape[0]} micro-batches, the schedule has {schedule.micro_batches}")
+    y = jax.eval_shape(stage_fn, _take(_take(rank_params, 0), 0), jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+    if (y.shape, y.dtype) != (xs.shape[1:], xs.dtype):
+        raise ValueError(f"stage_fn must keep the activation's shape and dtype: {xs.shape[1:]} {xs.dtype} -> "
+                         f"{y.shape} {y.dtype}")
+
+
+def _sum_duplicates(schedule: Schedule, grads):
+    """DualPipe: add the other copy's gradient of each stage held twice."""
+    total = grads
+    for (j, j2), perm in _duplicate_perms(schedule).items():
+        got = jax.tree.map(lambda g: lax.ppermute(g[j2], PIPE, perm), grads)
+        total = jax.tree.map(lambda t, o: t.at[j].add(o), total, got)
+    return total
+
+
+def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, schedule: Schedule, mesh: Mesh,
+                            rank_params, loss_params, xs: jax.Array, targets, *,
+                            batch_axes: tuple[str, ...] = ("data",), param_specs=None):
+    """Run `schedule` for training. Call it under `jax.jit`.
+
+    stage_fn(stage_params, x[b, ...]) -> y with x's shape and dtype: one stage.
+    loss_fn(loss_params, y[b, ...], target) -> scalar: after the last stage, a mean over rows.
+    rank_params: [P, L, ...] (`to_rank_layout`), sharded over `pipe`; param_specs: optional
+    per-leaf PartitionSpec of a stage's parameter (without the [P, L] axes), e.g. for expert
+    weights over `expert`. loss_params: replicated. xs: [M, b, ...] stage-0 inputs; targets:
+    pytree of [M, b, ...]; both split over `batch_axes` on the row axis.
+
+    Returns (loss, rank_grads [P, L, ...], loss_grads, dxs [M, b, ...]) where loss is
+    mean_m loss_fn(...), averaged over batch shards, and dxs the loss's gradient with respect to
+    xs (so an embedding in front of the pipeline can be differentiated).
+    """
+    batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    _check_shapes(schedule, stage_fn, rank_params, xs)
+    program = compile_schedule(schedule, training=True)
+    param_specs, pspecs, batch = _specs(mesh, batch_axes, param_specs, rank_params)
+    shards = _batch_shards(mesh, batch_axes)
+    ctx = _Ctx(stage_fn, loss_fn, program, 1.0 / (schedule.micro_batches * shards))
+    table = jnp.asarray(program.table)
+    spec_axes = jax.tree.map(lambda s: {a for e in s for a in ((e,) if isinstance(e, str) else (e or ()))},
+                             param_specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+    def local(params, lp, xs, targets):
+        params = _take(params, 0)                                       # [L, ...]
+        rows = table[:, lax.axis_index(PIPE)]                          # [T, fields]
+        stash = jnp.zeros((program.stash_slots + 1,) + xs.shape[1:], xs.dtype)
+        mail = jnp.zeros((program.mail_slots + 1,) + xs.shape[1:], xs.dtype)
+        dxs = jnp.zeros((xs.shape[0] + 1,) + xs.shape[1:], xs.dtype)
+        carry = (stash, mail, _zeros(params), _zeros(lp), jnp.float32(0), dxs)
+        tick = lambda c, row: (_train_tick(ctx, params, lp, xs, targets, c, row), None)  # noqa: E731
+        _, _, grads, lgrads, loss, dxs = lax.scan(tick, carry, rows)[0]
+        grads = _sum_duplicates(schedule, grads)
+        grads = jax.tree.map(lambda g_, axes: lax.psum(g_, tuple(a for a in batch_axes if a not in axes))
+                             if set(batch_axes) - axes else g_, grads, spec_axes)
+        lgrads = jax.tree.map(lambda g_: lax.psum(g_, (PIPE,) + batch_axes), lgrads)
+        loss = lax.psum(loss, (PIPE,) + batch_axes) / shards
+        dxs = lax.psum(dxs[:-1], PIPE)
+        return loss, jax.tree.map(lambda g_: g_[None], grads), lgrads, dxs
+
+    lp_specs = jax.tree.map(lambda _: PartitionSpec(), loss_params)
+    t_specs = jax.tree.map(lambda _: batch, targets)
+    f = jax.shard_map(local, mesh=mesh, in_specs=(pspecs, lp_specs, batch, t_specs),
+                      out_specs=(PartitionSpec(), pspecs, lp_specs, batch), check_vma=False)
+    return f(rank_params, loss_params, xs, targets)
+
+
+def pipeline_forward(stage_fn: Callable, schedule: Schedule, mesh: Mesh, rank_params, xs: jax.Array, *,
+                     batch_axes: tuple[str, ...] = ("data",), param_specs=None) -> jax.Array:
+    """Inference: the schedule's forwards only (same placement and routes, no stash). Returns
+    the last stage's outputs [M, b, ...], split over `batch_axes` like xs. Call under `jax.jit`."""
+    batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    _check_shapes(schedule, stage_fn, rank_params, xs)
+    program = compile_schedule(schedule, training=False)
+    _, pspecs, batch = _specs(mesh, batch_axes, param_specs, rank_params)
+    ctx = _Ctx(stage_fn, None, program, 1.0)
+    table = jnp.asarray(program.table)
+
+    def local(params, xs):
+        params = _take(params, 0)
+        rows = table[:, lax.axis_index(PIPE)]
+        mail = jnp.zeros((program.mail_slots + 1,) + xs.shape[1:], xs.dtype)
+        outs = jnp.zeros((xs.shape[0] + 1,) + xs.shape[1:], xs.dtype)
+        tick = lambda c, row: (_infer_tick(ctx, params, xs, c, row), None)  # noqa: E731
+        _, outs = lax.scan(tick, (mail, outs), rows)[0]
+        return lax.psum(outs[:-1], PIPE)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(pspecs, batch), out_specs=batch, check_vma=False)
+    return f(rank_params, xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineMemory:
+    """What the executor holds per rank: params[r] stages of parameters, activations[r] the
+    peak stage inputs kept for backward (the table's column), messages[r] the peak mailbox
+    (received activations and gradients waiting for their F / B / W), and the lock-step ticks."""
+
+    params: tuple[int, ...]
+    activations: tuple[int, ...]
+    messages: tuple[int, ...]
+    ticks: int
+
+
+def memory_report(schedule: Schedule) -> PipelineMemory:
+    program = compile_schedule(schedule, training=True)
+    return PipelineMemory(tuple(len(p) for p in schedule.placement), program.stash_peak,
+                          program.mail_peak, program.ticks)
+
+
+def sequential_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params, loss_params,
+                              xs: jax.Array, targets) -> tuple[Any, Any, Any, jax.Array]:
+    """The reference: each micro-batch through stages 0..S-1 in order, the mean of its losses,
+    one `jax.value_and_grad`. Returns (loss, stage_grads [S, ...], loss_grads, dxs)."""
+
+    def total(sp, lp, xs):
+        losses = [loss_fn(lp, sequential_forward(stage_fn, sp, xs[m]), _take(targets, m)).astype(jnp.float32)
+                  for m in range(xs.shape[0])]
+        return sum(losses) / xs.shape[0]
+
+    loss, (g, lg, dxs) = jax.value_and_grad(total, argnums=(0, 1, 2))(stage_params, loss_params, xs)
+    return loss, g, lg, dxs
+
+
+def sequential_forward(stage_fn: Callable, stage_params, x: jax.Array) -> jax.Array:
+    """x through stages 0..S-1 in order."""
+    for s in range(jax.tree.leaves(stage_params)[0].shape[0]):
+        x = stage_fn(_take(stage_params, s), x)
+    return x

@@ -19,7 +19,7 @@ from typing import Any
 
 # Modules whose import registers entries (each kernel issue adds its module here).
 ENTRY_MODULES: list[str] = ["benchmarks.entries_deep_gemm", "benchmarks.entries_flash_mla",
-                             "benchmarks.entries_fp8_quant"]
+                             "benchmarks.entries_fp8_quant", "benchmarks.entries_train_step"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,18 @@ optionally normalised and multiplied by the route scale.
 
 Expert compute is dropless: token copies are sorted by expert and run through grouped
 matmuls (`jax.lax.ragged_dot`), so no token is ever dropped and no capacity is set.
+
+Redundant experts (EPLB, sharding/eplb.py): a layer may hold its routed-expert weights as P >= E
+physical slots (replicas are copies of their logical expert) together with `ExpertSlots`
+(phy2log [P], log2phy [E, C], logcnt [E]). Routing stays logical; each chosen expert is then
+mapped to one of its replicas, and the replicas' gradients are tied (summed per logical
+expert and handed to every replica), so replicas stay copies under any element-wise optimizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -53,6 +60,15 @@ class MoE(nnx.Module):
         self.w_down = param(rngs, cfg, (E, F, D), ("experts", "moe_mlp", "embed"))
         if cfg.num_shared_experts > 0:
             self.shared = FFN(cfg, cfg.moe_ffn_dim * cfg.num_shared_experts, rngs=rngs)
+
+
+class ExpertSlots(nnx.Variable):
+    """An EPLB placement of one layer's physical expert slots (integers; never trained)."""
+
+
+def has_slots(p: MoE) -> bool:
+    """Whether the layer holds physical expert slots (an EPLB placement) rather than E logical experts."""
+    return hasattr(p, "phy2log")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +201,53 @@ def tiled_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: F
         return jnp.zeros_like(x).at[token].add(ys)
 
 
+# ---- redundant experts (physical slots) -------------------------------------------------------------
+
+def logical_to_physical(topk_idx: Int[Array, "N k"], log2phy: Int[Array, "E C"], logcnt: Int[Array, " E"],
+                        token_ids: Int[Array, " N"]) -> Int[Array, "N k"]:
+    """Pick a replica of each chosen logical expert: replica (token + slot) mod its replica count."""
+    k = topk_idx.shape[1]
+    replica = (token_ids[:, None] + jnp.arange(k)) % logcnt[topk_idx]
+    return log2phy[topk_idx, replica]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def tie_replicas(w: Float[Array, "P ..."], phy2log: Int[Array, " P"], num_experts: int) -> Float[Array, "P ..."]:
+    """Identity forward; backward gives every replica the summed gradient of its logical expert."""
+    return w
+
+
+def _tie_fwd(w, phy2log, num_experts):
+    return w, phy2log
+
+
+def _tie_bwd(num_experts, phy2log, g):
+    logical = jax.ops.segment_sum(g.astype(jnp.float32), phy2log, num_segments=num_experts)   # [E, ...]
+    return logical[phy2log].astype(g.dtype), None
+
+
+tie_replicas.defvjp(_tie_fwd, _tie_bwd)
+
+
+def expert_weights(p: MoE, cfg: ModelConfig) -> tuple[Array, Array, Array]:
+    """The routed experts' (w_gate, w_up, w_down) in the compute dtype; [E, ...] or [P, ...] slots."""
+    weights = cast(p.w_gate, cfg), cast(p.w_up, cfg), cast(p.w_down, cfg)
+    if not has_slots(p):
+        return weights
+    return tuple(tie_replicas(w, p.phy2log[...], cfg.num_routed_experts) for w in weights)
+
+
+def physical_routing(p: MoE, r: Routing) -> Routing:
+    """Routing onto the layer's physical slots (unchanged when it holds none)."""
+    if not has_slots(p):
+        return r
+    token = jnp.arange(r.experts.shape[0])
+    return Routing(r.weights, logical_to_physical(r.experts, p.log2phy[...], p.logcnt[...], token), r.scores)
+
+
 def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:
-    return grouped_experts(x, r.experts, r.weights, cast(p.w_gate, cfg), cast(p.w_up, cfg), cast(p.w_down, cfg))
+    """r holds physical expert ids when the layer has slots (see `physical_routing`)."""
+    return grouped_experts(x, r.experts, r.weights, *expert_weights(p, cfg))
 
 
 def sequence_balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> Float[Array, ""]:
@@ -202,7 +263,7 @@ def sequence_balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> Float[Arr
 
 # Expert parallelism plugs in here (sharding.ep registers itself on import); the model stays
 # free of mesh code. Called as impl(p, x[N, D], routing, cfg) when the current mesh (jax.set_mesh)
-# has an `expert` axis larger than one.
+# has an `expert` axis larger than one; the routing holds physical ids when the layer has slots.
 _expert_parallel_impl: Callable | None = None
 
 
@@ -222,12 +283,13 @@ def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig):
     flat = x.reshape(B * T, D)
     logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
     r = route(logits, p.bias[...] if cfg.router_bias else None, cfg)
+    physical = physical_routing(p, r)
     if _expert_axis_size() > 1:
         if _expert_parallel_impl is None:
             raise RuntimeError("the mesh has an `expert` axis > 1: `import sharding` to enable expert parallelism")
-        out = _expert_parallel_impl(p, flat, r, cfg)
+        out = _expert_parallel_impl(p, flat, physical, cfg)
     else:
-        out = routed_experts(p, flat, r, cfg)
+        out = routed_experts(p, flat, physical, cfg)
     if cfg.num_shared_experts > 0:
         with jax.named_scope("moe/shared"):
             out = out + ffn(p.shared, flat, cfg)

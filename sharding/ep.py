@@ -14,8 +14,10 @@ Inside `shard_map` over the expert axis, each of R ranks holds n tokens and El =
 - Low-latency mode (decode): fixed `max_tokens_per_rank` (M) buffers, static shapes, received
   tokens packed per local expert [El, R * M, D], optional FP8 payload with 1x128 scales, and a
   weighted combine.
-- Redundant experts: `logical_to_physical` maps logical top-k ids to physical replicas through an
-  EPLB placement (log2phy, logcnt), picking a replica deterministically from the token index.
+- Redundant experts: `logical_to_physical` (model.moe) maps logical top-k ids to physical replicas
+  through an EPLB placement (log2phy, logcnt), picking a replica deterministically from the token
+  index. A layer that holds physical slots (`model.moe.has_slots`) arrives here already routed onto
+  them; `ep_moe(placement=...)` instead builds the slots from E logical weights on the fly.
 
 Letters: R ranks, n tokens on this rank, k top-k, D hidden, E physical experts, El local
 experts, M low-latency buffer rows.
@@ -34,8 +36,8 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from model import moe as moe_lib
-from model.common import cast
 from model.config import ModelConfig
+from model.moe import logical_to_physical
 
 AXIS = "expert"
 FP8_MAX = 448.0
@@ -286,16 +288,6 @@ def _dense_local_experts(x: Float[Array, "El T D"], w_gate, w_up, w_down) -> Flo
     return jnp.einsum("etf,efd->etd", h, w_down)
 
 
-# ---- redundant experts --------------------------------------------------------------------------------
-
-def logical_to_physical(topk_idx: Int[Array, "N k"], log2phy: Int[Array, "E C"], logcnt: Int[Array, " E"],
-                        token_ids: Int[Array, " N"]) -> Int[Array, "N k"]:
-    """Pick a replica of each chosen logical expert: replica (token + slot) mod its replica count."""
-    k = topk_idx.shape[1]
-    replica = (token_ids[:, None] + jnp.arange(k)) % logcnt[topk_idx]
-    return log2phy[topk_idx, replica]
-
-
 # ---- the EP MoE layer -----------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -362,12 +354,16 @@ def ep_moe(p: moe_lib.MoE, x: Float[Array, "N D"], r: moe_lib.Routing, cfg: Mode
            options: EPOptions = EPOptions(), placement=None) -> Float[Array, "N D"]:
     """The routed part of a DeepSeekMoE layer under expert parallelism.
 
-    placement: optional (phy2log [P], log2phy [E, C], logcnt [E]) of one layer (EPLB); physical
-    expert weights are gathered from the logical ones, so their gradients flow back to them.
+    r: routing onto the layer's experts, physical slots when it holds them (`moe.physical_routing`).
+    placement: optional (phy2log [P], log2phy [E, C], logcnt [E]) of one layer (EPLB) for a layer of
+    E logical experts; physical expert weights are gathered from the logical ones, so their
+    gradients flow back to them.
     """
-    wg, wu, wd = cast(p.w_gate, cfg), cast(p.w_up, cfg), cast(p.w_down, cfg)
+    wg, wu, wd = moe_lib.expert_weights(p, cfg)
     idx = r.experts
     if placement is not None:
+        if moe_lib.has_slots(p):
+            raise ValueError("the layer already holds physical expert slots; pass placement=None")
         phy2log, log2phy, logcnt = (jnp.asarray(a) for a in placement)
         wg, wu, wd = wg[phy2log], wu[phy2log], wd[phy2log]
         idx = logical_to_physical(idx, log2phy, logcnt, jnp.arange(idx.shape[0]))

@@ -10,6 +10,12 @@ Packing is greedy and balanced (heaviest item first into the lightest pack that 
 extra replica goes to argmax(load / replica count). Ties break toward the lower index, so the
 result is deterministic.
 
+In training (`Balancer`, used by train.py's --eplb-every): the model's per-expert token counts
+(ModelOutput.expert_counts) accumulate over a moving window of steps; every so often a rebalance
+gives a new placement, and `apply_placement` moves the MoE layers' expert weights and their
+optimizer state (Adam moments) into the new physical slots. The layers then hold [P, ...] slots
+and route each token to a replica (model.moe); outputs are unchanged, only where experts run moves.
+
 Letters: L layers, E logical experts, P physical experts (num_replicas), G GPUs, N nodes.
 """
 
@@ -217,8 +223,11 @@ def imbalance(gpu_load: np.ndarray) -> np.ndarray:
     return np.where(mean > 0, gpu_load.max(-1) / np.where(mean > 0, mean, 1), 1.0)
 
 
-def report(load: np.ndarray, placement: Placement) -> dict:
-    before = gpu_loads(load, Placement.identity(load.shape[0], load.shape[1], placement.num_gpus))
+def report(load: np.ndarray, placement: Placement, previous: Placement | None = None) -> dict:
+    """Per-layer GPU imbalance under `previous` (default: no replicas, expert e on GPU e // (E/G)) and `placement`."""
+    if previous is None:
+        previous = Placement.identity(load.shape[0], load.shape[1], placement.num_gpus)
+    before = gpu_loads(load, previous)
     after = gpu_loads(load, placement)
     return dict(imbalance_before=imbalance(before), imbalance_after=imbalance(after),
                 mean_before=float(imbalance(before).mean()), mean_after=float(imbalance(after).mean()),
@@ -252,3 +261,157 @@ def save_heatmap(load: np.ndarray, placement: Placement, path: str | Path) -> Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# ---- applying a placement to a model and its optimizer ---------------------------------------------
+
+_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+_SLOT_FIELDS = ("phy2log", "log2phy", "logcnt")
+
+
+def _moe_groups(m) -> list[tuple[tuple, object, slice]]:
+    """(path, MoE layer or stack, its rows of ModelOutput.expert_counts) for a Transformer or one MoE layer."""
+    from model.moe import MoE
+    if isinstance(m, MoE):
+        return [((), m, slice(0, m.w_gate.shape[0] if m.w_gate.ndim == 4 else 1))]
+    groups, row = [], 0
+    if m.moe_layers is not None:
+        row = m.cfg.num_moe_layers
+        groups.append((("moe_layers", "ffn"), m.moe_layers.ffn, slice(0, row)))
+    for k, module in enumerate(m.mtp):
+        if isinstance(module.block.ffn, MoE):
+            groups.append((("mtp", k, "block", "ffn"), module.block.ffn, slice(row, row + 1)))
+            row += 1
+    return groups
+
+
+def placement_of(m, num_gpus: int) -> Placement:
+    """The placement a model (or MoE layer) holds now, rows in expert_counts order; identity without slots."""
+    from model.moe import has_slots
+    parts = []
+    for _, layer, rows in _moe_groups(m):
+        n, E = rows.stop - rows.start, layer.router.shape[-1]
+        if has_slots(layer):
+            parts.append([np.asarray(getattr(layer, f)[...]).reshape((n,) + s) for f, s in
+                          (("phy2log", (-1,)), ("log2phy", (E, -1)), ("logcnt", (E,)))])
+        else:
+            identity = Placement.identity(n, E, 1)
+            parts.append([identity.phy2log, identity.log2phy, identity.logcnt])
+    if not parts:
+        raise ValueError("the model has no MoE layers to place")
+    phy2log, log2phy, logcnt = (np.concatenate(a) for a in zip(*parts))
+    return Placement(phy2log.astype(np.int64), log2phy.astype(np.int64), logcnt.astype(np.int64), num_gpus)
+
+
+def _take_slots(x, perm: np.ndarray, stacked: bool):
+    """x [n, P_old, ...] (stacked) or [P_old, ...] -> the slots perm [n, P_new] picks."""
+    moved = permute_slots(x if stacked else x[None], perm)
+    return moved if stacked else moved[0]
+
+
+def _param_of(opt_path: tuple, param_paths: set) -> tuple | None:
+    """The parameter an optimizer-state leaf belongs to: the longest suffix of its path naming one."""
+    return next((opt_path[i:] for i in range(len(opt_path)) if opt_path[i:] in param_paths), None)
+
+
+def apply_placement(m, optimizer, new: Placement | None, mesh=None) -> None:
+    """Move the MoE layers' expert weights (and the optimizer's state for them) into `new`'s slots, in place.
+
+    m is a Transformer (rows: MoE layers, then MTP blocks, as in ModelOutput.expert_counts) or one MoE
+    layer. Replicas receive copies of their expert's weights and moments. new=None returns to E
+    logical experts (e.g. before a Hugging Face export). With `mesh`, the arrays are re-placed on it.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from model.moe import ExpertSlots, has_slots
+    groups = _moe_groups(m)
+    old = placement_of(m, 1)
+    L, E = old.logcnt.shape
+    target = Placement.identity(L, E, 1) if new is None else new
+    if target.logcnt.shape != (L, E):
+        raise ValueError(f"placement covers {target.logcnt.shape} (layers, experts); the model has {(L, E)}")
+    perm = slot_permutation(old, target)                                           # [L, P_new]
+    moves = {path + (name,): (perm[rows], layer.w_gate.ndim == 4)
+             for path, layer, rows in groups for name in _EXPERT_WEIGHTS}
+    for path, layer, rows in groups:
+        stacked = layer.w_gate.ndim == 4
+        for name in _EXPERT_WEIGHTS:
+            var = getattr(layer, name)
+            var.set_value(_take_slots(var.get_value(), perm[rows], stacked))
+        for field in _SLOT_FIELDS:
+            if has_slots(layer):
+                delattr(layer, field)
+        if new is not None:
+            P = target.num_physical
+            log2phy = np.full((rows.stop - rows.start, E, P - E + 1), -1)            # static width: any count <= P-E+1
+            log2phy[..., :target.log2phy.shape[2]] = target.log2phy[rows]
+            for field, value in (("phy2log", target.phy2log[rows]), ("log2phy", log2phy),
+                                 ("logcnt", target.logcnt[rows])):
+                value = np.asarray(value, np.int32)
+                setattr(layer, field, ExpertSlots(jnp.asarray(value if stacked else value[0])))
+    if optimizer is not None:
+        param_paths = {path for path, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+        state = nnx.state(optimizer)
+        for path, var in nnx.to_flat_state(state):
+            owner = _param_of(tuple(path), param_paths)
+            if owner in moves and var.ndim >= 1:
+                var.set_value(_take_slots(var.get_value(), *moves[owner]))
+        nnx.update(optimizer, state)
+    if mesh is not None:
+        from sharding.mesh import shard_model
+        shard_model(m, mesh)
+        if optimizer is not None:
+            shard_model(optimizer, mesh)
+
+
+class Balancer:
+    """EPLB during training: per-step expert counts in, a rebalance of weights and optimizer every `every` steps.
+
+    On construction the model moves to E + redundant physical slots (replicas of a uniform-load
+    placement), so checkpoints restored afterwards find the shapes they were saved with.
+    """
+
+    def __init__(self, m, optimizer, mesh, *, every: int, redundant: int = 0, window: int | None = None,
+                 num_nodes: int = 1):
+        G = dict(mesh.shape).get("expert", 1)
+        groups = _moe_groups(m)
+        if G <= 1:
+            raise ValueError("EPLB places experts over the mesh's `expert` axis; it needs expert > 1")
+        if every <= 0 or redundant < 0:
+            raise ValueError(f"every={every} must be positive and redundant={redundant} non-negative")
+        if not groups:
+            raise ValueError("the model has no MoE layers to balance")
+        E = groups[0][1].router.shape[-1]
+        if (E + redundant) % G:
+            raise ValueError(f"{E} experts + {redundant} redundant = {E + redundant} slots do not divide over "
+                             f"expert={G} devices")
+        self.m, self.optimizer, self.mesh, self.every = m, optimizer, mesh, every
+        self.num_physical, self.num_gpus, self.num_nodes = E + redundant, G, num_nodes
+        self.num_groups = m.cfg.num_expert_groups if hasattr(m, "cfg") else 1
+        self.stats = ExpertLoad(groups[-1][2].stop, E, window=window or every)
+        self._pending: list = []
+        self._apply(np.ones(self.stats.shape))
+
+    def _apply(self, load: np.ndarray) -> tuple[Placement, Placement]:
+        old = placement_of(self.m, self.num_gpus)
+        new = rebalance(load, self.num_physical, self.num_groups, self.num_nodes, self.num_gpus)
+        apply_placement(self.m, self.optimizer, new, self.mesh)
+        return old, new
+
+    def observe(self, counts) -> None:
+        """One step's expert counts [layers, E] (a device array: read only at the next rebalance)."""
+        self._pending.append(counts)
+
+    def step(self, step: int) -> dict | None:
+        """After training step `step`: rebalance when due; returns the report (old vs new placement)."""
+        if step % self.every:
+            return None
+        for counts in self._pending:
+            self.stats.update(np.asarray(counts))
+        self._pending.clear()
+        if not len(self.stats):
+            return None
+        load = self.stats.load()
+        old, new = self._apply(load)
+        return report(load, new, previous=old)

@@ -119,3 +119,115 @@ def test_report_and_heatmap(tmp_path, report):
            f"{rep['mean_before']:.2f} -> {rep['mean_after']:.2f}")
     png = eplb.save_heatmap(weight, placement, tmp_path / "load.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+# ---- redundant experts in the model: EP MoE layer, optimizer state, training ------------------------
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import model  # noqa: E402
+import sharding  # noqa: E402
+from model.moe import MoE, moe, physical_routing, route  # noqa: E402
+
+CFG = model.ModelConfig.preset("tiny", d_model=32, moe_ffn_dim=16)        # 16 experts, top-4, 4 groups
+E = CFG.num_routed_experts
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _skewed_layer(seed=0):
+    """A MoE layer whose router bias sends most tokens to a few experts (as real loads are skewed)."""
+    layer = MoE(CFG, rngs=nnx.Rngs(seed))
+    layer.bias.set_value(jnp.zeros(E).at[jnp.array([0, 1, 5, 9])].set(0.06))
+    return layer
+
+
+def _device_tokens(layer, x, devices):
+    """Token copies each EP device computes: the physical slots' counts, summed per device."""
+    flat = x.reshape(-1, CFG.d_model)
+    r = route(jnp.einsum("nd,de->ne", flat, layer.router[...]), layer.bias[...], CFG)
+    slots = np.asarray(physical_routing(layer, r).experts).reshape(-1)
+    per_slot = np.bincount(slots, minlength=layer.w_gate.shape[0])
+    return per_slot.reshape(devices, -1).sum(-1)
+
+
+def test_rebalance_leaves_ep_layer_outputs_unchanged(report):
+    mesh = sharding.make_mesh(data=1, expert=8)
+    layer = _skewed_layer()
+    x = jax.random.normal(jax.random.key(0), (4, 32, CFG.d_model))
+    f = nnx.jit(lambda p, x: moe(p, x, CFG))
+    with jax.set_mesh(mesh):
+        want, counts, _ = f(layer, x)
+    tokens_before = _device_tokens(layer, x, 8)
+    new = eplb.rebalance(np.asarray(counts)[None], E + 8, CFG.num_expert_groups, 1, 8)
+    assert np.any(new.logcnt > 1)                                                    # real replicas
+    eplb.apply_placement(layer, None, new, mesh)
+    assert layer.w_gate.shape == (E + 8, CFG.d_model, CFG.moe_ffn_dim)
+    for p, e in enumerate(new.phy2log[0]):                                           # slots are copies
+        np.testing.assert_array_equal(layer.w_down[...][p], layer.w_down[...][new.log2phy[0, e, 0]])
+    with jax.set_mesh(mesh):
+        got, got_counts = f(layer, x)[:2]
+    single_device = f(layer, x)[0]
+    tokens_after = _device_tokens(layer, x, 8)
+    err = float(np.max(np.abs(np.asarray(got) - np.asarray(want))) / np.max(np.abs(np.asarray(want))))
+    assert err < 1e-6, f"max |diff| / max |out| = {err:.2e} at {np.unravel_index(np.argmax(np.abs(got - want)), got.shape)}"
+    assert rel_err(single_device, want) < 1e-6
+    np.testing.assert_array_equal(got_counts, counts)                                # loads stay logical
+    assert tokens_after.sum() == tokens_before.sum() == x.shape[0] * x.shape[1] * CFG.num_experts_per_tok
+    before, after = (float(t.max() / t.mean()) for t in (tokens_before, tokens_after))
+    assert after < before and after < 1.3
+    again = eplb.rebalance(np.asarray(counts)[None][:, ::-1].copy(), E + 8, CFG.num_expert_groups, 1, 8)
+    eplb.apply_placement(layer, None, again, mesh)                                   # slots -> other slots
+    with jax.set_mesh(mesh):
+        assert rel_err(f(layer, x)[0], want) < 1e-6
+    report(f"EPLB on an EP MoE layer (8 devices, 16 experts + 8 redundant): output max rel diff {err:.1e}; "
+           f"tokens per device max/mean {before:.2f} -> {after:.2f}")
+
+
+@nnx.jit
+def _opt_step(layer, opt, x, cot):
+    opt.update(layer, nnx.grad(lambda p: jnp.sum(moe(p, x, CFG)[0] * cot))(layer))
+
+
+def _moments(opt):
+    return {tuple(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(opt))
+            if path[-1] in ("w_gate", "w_up", "w_down") and path[-2] != "shared"}
+
+
+def test_optimizer_state_follows_its_expert():
+    """Rebalance between two Adam steps: the balanced run equals the plain run, replicas stay copies."""
+    mesh = sharding.make_mesh(data=2, expert=4)
+    x = jax.random.normal(jax.random.key(1), (4, 16, CFG.d_model))
+    cot = jax.random.normal(jax.random.key(2), x.shape)
+    layer = sharding.shard_model(_skewed_layer(1), mesh)
+    opt = sharding.shard_model(nnx.Optimizer(layer, optax.adamw(1e-2, weight_decay=0.1), wrt=nnx.Param), mesh)
+    with jax.set_mesh(mesh):
+        _opt_step(layer, opt, x, cot)
+        layer_b, opt_b = nnx.clone((layer, opt))
+        plain = _moments(opt)
+        r = route(jnp.einsum("btd,de->bte", x, layer.router[...]).reshape(-1, E), layer.bias[...], CFG)
+        load = np.bincount(np.asarray(r.experts).reshape(-1), minlength=E)[None]
+        new = eplb.rebalance(load, E + 4, CFG.num_expert_groups, 1, 4)
+        assert np.any(new.logcnt > 1)
+        eplb.apply_placement(layer_b, opt_b, new, mesh)
+        moved = _moments(opt_b)
+        assert len(moved) == 6                                                # mu, nu of three weights
+        for path, value in moved.items():                                     # moments moved with weights
+            np.testing.assert_array_equal(value, plain[path][new.phy2log[0]])
+        _opt_step(layer, opt, x, cot)
+        _opt_step(layer_b, opt_b, x, cot)
+    for name in ("w_gate", "w_up", "w_down"):                                 # replicas got equal updates
+        w = np.asarray(getattr(layer_b, name)[...])
+        np.testing.assert_array_equal(w, w[new.log2phy[0, new.phy2log[0], 0]])
+    eplb.apply_placement(layer_b, opt_b, None, mesh)                           # back to E logical experts
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(layer, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(layer_b, nnx.Param))):
+        assert rel_err(b.get_value(), a.get_value()) < 1e-6, path
+    for path, a in _moments(opt).items():
+        assert rel_err(_moments(opt_b)[path], a) < 1e-5, path

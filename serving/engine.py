@@ -1,0 +1,221 @@
+"""The batch-inference engine: scheduler + paged cache + jitted, bucketed step functions.
+
+Each step runs at most two jitted calls: a prefill call (a chunk for each prefilling sequence,
+naive MLA, [B, T] padded to power-of-two buckets) and a decode call (one token for each decoding
+sequence, absorbed MLA through FlashMLA, [B, 1]). Block tables are padded to a power-of-two
+number of blocks too, so a long run compiles a bounded number of step functions:
+(log2 max_running + 1) x (log2 blocks per sequence + 1) shapes for decode, times the token
+buckets for prefill. Sampling runs inside the same call; only token ids come back to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.transformer import Transformer
+from serving import cache as paged
+from serving.paged_model import Batch, forward_paged
+from serving.sampler import SamplingParams, find_stop, sample
+from serving.scheduler import Scheduler, Sequence
+from serving.stats import ServingStats
+
+TRACES = [0]          # step-function traces (compilations) in this process
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_blocks: int = 256            # cache blocks of 64 tokens (per layer)
+    max_running: int = 16            # sequences in the running batch
+    chunk_tokens: int = 256          # prefill tokens a step (chunked prefill)
+    cache_dtype: paged.CacheDType | None = None   # None: bfloat16, or float32 for a float32 model
+    min_token_bucket: int = 16       # smallest prefill chunk bucket
+    min_batch_bucket: int = 1        # raise these to compile fewer shapes (e.g. tests)
+    min_block_bucket: int = 1
+
+
+@dataclasses.dataclass
+class Completion:
+    rid: int
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str               # "stop" (stop token or string) or "length" (max_tokens, max_seq_len)
+    ttft_s: float
+    tpot_s: float | None             # mean time per output token after the first
+    preemptions: int
+
+
+def bucket(n: int, least: int = 1) -> int:
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+@jax.jit(static_argnames=("graphdef", "absorbed", "spec"), donate_argnames=("kv",))
+def _step(graphdef, state, kv, batch: Batch, sampling, *, absorbed: bool, spec: paged.CacheSpec):
+    TRACES[0] += 1
+    m = nnx.merge(graphdef, state)
+    logits, kv = forward_paged(m, kv, batch, absorbed=absorbed, spec=spec)
+    return sample(logits, *sampling), logits, kv
+
+
+class Engine:
+    """engine = Engine(model); engine.add(prompt_ids, params); while engine.has_work(): engine.step()."""
+
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(), *,
+                 detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False):
+        cfg = model.cfg
+        dtype = config.cache_dtype or ("float32" if cfg.dtype == "float32" else "bfloat16")
+        self.cfg, self.config = cfg, config
+        self.spec = paged.CacheSpec(cfg.num_layers, config.num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+        self.graphdef, self.state = nnx.split(model)
+        self.kv = paged.init_cache(self.spec)
+        self.scheduler = Scheduler(config.num_blocks, config.max_running, config.chunk_tokens)
+        self.detokenize = detokenize
+        self.keep_logits = keep_logits
+        self.logits: dict[int, list[np.ndarray]] = {}     # rid -> logits of each sampled token (keep_logits)
+        self.sequences: dict[int, Sequence] = {}
+        self.stats = ServingStats(num_blocks=config.num_blocks)
+        self._next_rid = 0
+
+    # -- requests --
+    def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), *, arrival: float | None = None) -> int:
+        """Queue a request; ValueError (nothing queued) for an empty or too-long prompt."""
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need a detokenize function (Engine(..., detokenize=tok.decode))")
+        if not prompt:
+            raise ValueError("empty prompt: a request needs at least one token")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if len(prompt) + params.max_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's max_seq_len={self.cfg.max_seq_len}")
+        seq = Sequence(self._next_rid, list(prompt), params, time.perf_counter() if arrival is None else arrival)
+        self.scheduler.add(seq)
+        self._next_rid += 1
+        self.sequences[seq.rid] = seq
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt)
+        return seq.rid
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping --
+    def step(self) -> list[Completion]:
+        """One scheduler step; returns the requests that finished in it."""
+        start = time.perf_counter()
+        self.stats.start(start)
+        plan = self.scheduler.schedule()
+        finished = []
+        if plan.prefill:
+            rows = [(seq, seq.cached, n) for seq, n in plan.prefill]
+            t0 = time.perf_counter()
+            tokens = self._run(rows, absorbed=False)
+            self.stats.prefill_s += time.perf_counter() - t0
+            for (seq, _, n), tok in zip(rows, tokens):
+                seq.cached += n
+                if seq.pending == 0:
+                    finished += self._append(seq, tok)
+        if plan.decode:
+            rows = [(seq, seq.cached, 1) for seq in plan.decode]
+            tokens = self._run(rows, absorbed=True)
+            for seq, tok in zip(plan.decode, tokens):
+                seq.cached += 1
+                finished += self._append(seq, tok)
+        self.stats.step(time.perf_counter(), self.scheduler.allocator.num_used, len(plan.preempted))
+        return finished
+
+    def run(self, requests: Iterable[tuple[list[int], SamplingParams]], progress=None) -> list[Completion]:
+        """Complete every request; results in submission order. `progress(done, generated)` per step."""
+        rids = [self.add(p, s) for p, s in requests]
+        done: dict[int, Completion] = {}
+        while self.has_work():
+            for c in self.step():
+                done[c.rid] = c
+            if progress:
+                progress(len(done), self.stats.generated_tokens)
+        return [done[r] for r in rids]
+
+    def _run(self, rows: list[tuple[Sequence, int, int]], absorbed: bool) -> list[int]:
+        batch, sampling = self._pack(rows)
+        tokens, logits, self.kv = _step(self.graphdef, self.state, self.kv, batch, sampling, absorbed=absorbed,
+                                        spec=self.spec)
+        tokens = np.asarray(tokens)
+        if self.keep_logits:
+            logits = np.asarray(logits)
+            for i, (seq, start, n) in enumerate(rows):
+                if start + n == len(seq.tokens):
+                    self.logits.setdefault(seq.rid, []).append(logits[i])
+        return [int(t) for t in tokens[:len(rows)]]
+
+    def _pack(self, rows: list[tuple[Sequence, int, int]]):
+        B = bucket(len(rows), self.config.min_batch_bucket)
+        T = 1 if rows[0][2] == 1 and all(n == 1 for _, _, n in rows) else \
+            bucket(max(n for _, _, n in rows), self.config.min_token_bucket)
+        M = bucket(max(len(seq.blocks) for seq, _, _ in rows), self.config.min_block_bucket)
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.zeros((B, T), np.int32)
+        valid = np.zeros((B, T), bool)
+        table = np.zeros((B, M), np.int32)
+        lengths = np.zeros((B,), np.int32)
+        temperature, top_p = np.zeros((B,), np.float32), np.ones((B,), np.float32)
+        top_k, seeds, counters = np.zeros((B,), np.int32), np.zeros((B,), np.uint32), np.zeros((B,), np.int32)
+        for i, (seq, start, n) in enumerate(rows):
+            tokens[i, :n] = seq.tokens[start:start + n]
+            positions[i, :n] = np.arange(start, start + n)
+            valid[i, :n] = True
+            table[i, :len(seq.blocks)] = seq.blocks
+            lengths[i] = start + n
+            p = seq.params
+            temperature[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, p.seed
+            counters[i] = len(seq.generated)
+        batch = Batch(*(jnp.asarray(a) for a in (tokens, positions, valid, table, lengths)))
+        return batch, tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, counters))
+
+    def _append(self, seq: Sequence, token: int) -> list[Completion]:
+        now = time.perf_counter()
+        seq.tokens.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        self.stats.generated_tokens += 1
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.generated) >= p.max_tokens or len(seq.tokens) >= self.cfg.max_seq_len:
+            reason = "length"
+        if p.stop and self.detokenize is not None:
+            cut = find_stop(self._text(seq), p.stop)
+            if cut is not None:
+                seq.text, reason = self._text(seq)[:cut], "stop"
+        if reason is None:
+            return []
+        if seq.text is None and self.detokenize is not None:
+            seq.text = self._text(seq)
+        seq.finish_reason, seq.finished_at = reason, now
+        self.scheduler.finish(seq)
+        return [self._completion(seq)]
+
+    def _text(self, seq: Sequence) -> str:
+        return self.detokenize([t for t in seq.generated if t not in seq.params.stop_token_ids])
+
+    def _completion(self, seq: Sequence) -> Completion:
+        n = len(seq.generated)
+        ttft = seq.first_token_at - seq.arrival
+        tpot = (seq.finished_at - seq.first_token_at) / (n - 1) if n > 1 else None
+        self.stats.finish(ttft, tpot, seq.preemptions)
+        return Completion(seq.rid, len(seq.prompt), seq.generated, seq.text, seq.finish_reason, ttft, tpot,
+                          seq.preemptions)
+
+
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+             config: EngineConfig = EngineConfig(), **engine_kw) -> list[list[int]]:
+    """Token ids generated for each prompt (one engine, continuous batching)."""
+    engine = Engine(model, config, **engine_kw)
+    return [c.token_ids for c in engine.run([(p, params) for p in prompts])]

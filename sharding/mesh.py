@@ -141,7 +141,18 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules = DEFAULT_RU
 
 def shard_batch(x: jax.Array | np.ndarray, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES,
                 logical: Sequence[str | None] = ("batch", "seq")) -> jax.Array:
-    """Place a host batch (e.g. tokens [B, T]) on the mesh, batch axis over `data`."""
+    """Place a host batch (e.g. tokens [B, T]) on the mesh, batch axis over `data`.
+
+    In a multi-process run (`jax.distributed`) a host array is this process's rows only (each
+    process's loader reads its own shard): the global batch is the processes' rows stacked in
+    process order, [P * B_local, T]. A `jax.Array` that is already global is resharded as is.
+    """
     spec = rules.spec(logical, mesh, "batch")
+    sharding = NamedSharding(mesh, spec)
+    if jax.process_count() > 1 and not isinstance(x, jax.Array):
+        x = np.asarray(x)
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        _check_divisible("batch", global_shape, spec, mesh)
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
     _check_divisible("batch", np.shape(x), spec, mesh)
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    return jax.device_put(x, sharding)

@@ -345,43 +345,33 @@ def _tree_add(a, b):
     return jax.tree.map(lambda x, y: x + y.astype(x.dtype), a, b)
 
 
-def _vjp(fn, primals: tuple, wanted: tuple[bool, ...], cotangent) -> list:
-    """Cotangents of fn(*primals) for the wanted arguments only (zeros for the others): the
-    others are constants of the vjp, so their gradient work is never traced."""
-    idx = [i for i, w in enumerate(wanted) if w]
-
-    def sub(*args):
-        full = list(primals)
-        for i, a in zip(idx, args):
-            full[i] = a
-        return fn(*full)
-
-    _, pullback = jax.vjp(sub, *(primals[i] for i in idx))
-    cts = pullback(cotangent)
-    out = [_zeros(p) for p in primals]
-    for i, c in zip(idx, cts):
-        out[i] = c
-    return out
-
-
 def _stage_vjp(ctx: _Ctx, p, lp, x, dy, tgt, last, wrt: str):
     """(dx, dp, dlp) of one stage for one micro-batch, recomputing its forward. wrt: "all" (full
-    B), "input" (split B) or "weight" (W). On the last stage the loss is part of the function and
-    its cotangent is `ctx.scale`; dy is then unused."""
+    B), "input" (split B: dp, dlp zero) or "weight" (W: dx zero). On the last stage the output
+    gradient comes from the loss (cotangent `ctx.scale`) instead of dy. Only the wanted
+    cotangents are traced: the others' arguments are constants of the vjp, so a split B does no
+    weight-gradient work and a W no input-gradient work."""
     want_x, want_p = wrt in ("all", "input"), wrt in ("all", "weight")
-
-    def mid():
-        dp, _, dx = _vjp(lambda p_, lp_, x_: ctx.stage_fn(p_, x_), (p, lp, x), (want_p, False, want_x), dy)
-        return dx, dp, _zeros(lp)
-
-    def end():
-        fn = lambda p_, lp_, x_: ctx.loss_fn(lp_, ctx.stage_fn(p_, x_), tgt).astype(jnp.float32)  # noqa: E731
-        dp, dlp, dx = _vjp(fn, (p, lp, x), (want_p, want_p, want_x), jnp.float32(ctx.scale))
-        return dx, dp, dlp
-
-    if ctx.loss_fn is None:
-        return mid()
-    return lax.cond(last, end, mid)
+    if want_x and want_p:
+        y, pullback = jax.vjp(ctx.stage_fn, p, x)
+    elif want_x:
+        y, pullback = jax.vjp(lambda x_: ctx.stage_fn(p, x_), x)
+    else:
+        y, pullback = jax.vjp(lambda p_: ctx.stage_fn(p_, x), p)
+    dlp = _zeros(lp)
+    if ctx.loss_fn is not None:
+        def from_loss():
+            loss = lambda lp_, y_: ctx.loss_fn(lp_, y_, tgt).astype(jnp.float32)  # noqa: E731
+            if want_p:
+                _, loss_pullback = jax.vjp(loss, lp, y)
+                return loss_pullback(jnp.float32(ctx.scale))[::-1]
+            _, loss_pullback = jax.vjp(lambda y_: loss(lp, y_), y)
+            return loss_pullback(jnp.float32(ctx.scale))[0], _zeros(lp)
+        dy, dlp = lax.cond(last, from_loss, lambda: (dy, _zeros(lp)))
+    cts = pullback(dy)
+    dp = cts[0] if want_p else _zeros(p)
+    dx = cts[-1] if want_x else jnp.zeros_like(x)
+    return dx, dp, dlp
 
 
 def _forward(ctx: _Ctx, params, lp, x, j, tgt, last, on):

@@ -1,19 +1,14 @@
 """The named mesh, the rules table, and the model sharded over 8 simulated CPU devices."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import portpicker
 import pytest
 from flax import nnx
 
 import model
 import sharding
+from multiprocess import run_processes
 from sharding import DEFAULT_RULES, FSDP_RULES, ShardingRules, make_mesh
 
 CFG = model.ModelConfig.preset("tiny", d_model=64, moe_ffn_dim=32, dense_ffn_dim=96, num_layers=2, init_std=0.1)
@@ -88,21 +83,5 @@ def test_sharded_model_matches_single_device(reference, mesh_kw, rules):
 
 def test_two_processes_one_global_mesh():
     """jax.distributed over gloo: two processes x two CPU devices, FSDP over all four."""
-    port = portpicker.pick_unused_port()
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "multihost_worker.py"), str(port), str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-process run timed out")
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-3000:]
+    for text in run_processes("multihost_worker.py", timeout=240):
         assert "rel_err=" in text

@@ -1,18 +1,14 @@
 """Training across processes and devices agrees with one device (the train.py step on a mesh)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 
 import sharding
 import train
+from multiprocess import run_processes
 from train_reference import STEPS, global_tokens, make_state, run_steps
 
 
@@ -26,23 +22,7 @@ def one_device_losses():
 def test_two_processes_train_like_one_device(one_device_losses, report):
     """jax.distributed over gloo: 2 processes x 2 CPU devices, data parallel over all four; each
     process feeds only its half of the batch. Losses of 3 AdamW steps equal the one-device run's."""
-    port = portpicker.pick_unused_port()
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "train_worker.py"), str(port), str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outputs = []
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("two-process training timed out")
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-3000:]
+    for text in run_processes("train_worker.py", timeout=300):
         losses = json.loads(text.split("LOSSES ")[1].splitlines()[0])
         rel = np.abs(np.array(losses) - one_device_losses) / np.abs(one_device_losses)
         report(f"two processes: losses {np.round(losses, 5).tolist()} vs one device "

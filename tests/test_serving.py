@@ -1,0 +1,216 @@
+"""The serving engine: paged cache, scheduler, sampler, and the engine against a no-cache greedy loop."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import model
+import serve
+from pallas_kernels import flash_mla
+from serving import PAGE, BlockAllocator, CacheSpec, Engine, EngineConfig, SamplingParams, Scheduler, Sequence
+from serving import cache as paged
+from serving import engine as engine_mod
+from serving.paged_model import paged_attention
+from serving.sampler import sample
+from storage.corpus import ByteTokenizer
+
+LENGTHS = (1, 3, 17, 62, 130)          # 62 + NEW crosses a block; 130 > 2 blocks and > 4 chunks of 32
+NEW = 6
+WIDTH = 144                            # the reference loop's padded length (>= 130 + 6)
+# fixed buckets: one prefill and one decode shape per cache size, so the suite compiles little
+SMALL = dict(max_running=4, chunk_tokens=32, min_token_bucket=32, min_batch_bucket=4, min_block_bucket=4)
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def net():
+    cfg = model.ModelConfig.preset("tiny")
+    assert cfg.dtype == "float32" and cfg.param_dtype == "float32"
+    return model.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [[int(t) for t in rng.integers(0, 512, n)] for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def reference(net, prompts):
+    """Greedy tokens and their logits from model(tokens) over the whole sequence each step, no cache."""
+    full = nnx.jit(lambda m, t: m(t))
+    seqs, logits = [list(p) for p in prompts], [[] for _ in prompts]
+    for _ in range(NEW):
+        padded = np.zeros((len(seqs), WIDTH), np.int32)              # causal: padding after never matters
+        for i, s in enumerate(seqs):
+            padded[i, :len(s)] = s
+        out = np.asarray(full(net, jnp.asarray(padded)))
+        for i, s in enumerate(seqs):
+            logits[i].append(out[i, len(s) - 1])
+            s.append(int(out[i, len(s) - 1].argmax()))
+    return [(s[len(p):], lg) for s, p, lg in zip(seqs, prompts, logits)]
+
+
+@pytest.mark.parametrize("num_blocks, max_running", [(64, 4), (4, 4)], ids=["ample", "preempting"])
+def test_engine_greedy_equals_full_recompute(net, prompts, reference, num_blocks, max_running):
+    before = engine_mod.TRACES[0]
+    cfg = EngineConfig(num_blocks=num_blocks, **{**SMALL, "max_running": max_running})
+    engine = Engine(net, cfg, keep_logits=True)
+    done = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts])
+    assert [c.token_ids for c in done] == [ref for ref, _ in reference]
+    for c, (_, ref_logits) in zip(done, reference):
+        # logits of token 0 come from a prefill (naive form), the rest from paged absorbed decode
+        # (or, after a preemption, from the recompute prefill)
+        errs = [rel_err(a, b) for a, b in zip(engine.logits[c.rid], ref_logits)]
+        assert max(errs) < 1e-5, (c.rid, int(np.argmax(errs)), max(errs))
+    stats = engine.stats.summary()
+    assert stats["generated_tokens"] == NEW * len(prompts) and stats["finished"] == len(prompts)
+    if num_blocks == 4:       # 256 cache tokens for 5 prompts of up to 136: someone must be preempted
+        assert stats["preemptions"] > 0 and sum(c.preemptions for c in done) == stats["preemptions"]
+    assert stats["cache_utilisation_peak"] <= 1.0
+    assert engine.scheduler.allocator.num_free == num_blocks          # every block returned
+    assert engine_mod.TRACES[0] - before <= 2                         # one prefill + one decode shape
+
+
+def test_paged_decode_logits_equal_naive_forward(net, prompts, reference):
+    """Absorbed decode through the FlashMLA interface, alone: prefill one chunk, then decode only."""
+    engine = Engine(net, EngineConfig(num_blocks=64, **{**SMALL, "chunk_tokens": 256, "min_token_bucket": 256}),
+                    keep_logits=True)
+    rid = engine.add(prompts[3], SamplingParams(max_tokens=NEW))
+    engine.step()                                                     # the whole prompt in one prefill
+    seq = engine.sequences[rid]
+    assert seq.pending == 1 and len(seq.generated) == 1
+    while engine.has_work():
+        plan_decode_only = all(s.pending == 1 for s in engine.scheduler.running)
+        assert plan_decode_only
+        engine.step()
+    _, ref_logits = reference[3]
+    errs = [rel_err(a, b) for a, b in zip(engine.logits[rid][1:], ref_logits[1:])]
+    assert len(errs) == NEW - 1 and max(errs) < 1e-5, errs
+
+
+def test_seeded_sampling_reproducible_across_batches(net, prompts):
+    params = [SamplingParams(max_tokens=NEW, temperature=1.0, top_k=50, top_p=0.9, seed=s) for s in (1, 2, 1)]
+    cfg = EngineConfig(num_blocks=64, **SMALL)
+    together = Engine(net, cfg).run([(prompts[2], p) for p in params])
+    alone = Engine(net, cfg).run([(prompts[2], params[0])])
+    with_others = Engine(net, cfg).run([(prompts[4], params[1]), (prompts[2], params[0])])
+    assert together[0].token_ids == together[2].token_ids == alone[0].token_ids == with_others[1].token_ids
+    assert together[0].token_ids != together[1].token_ids
+
+
+def test_sampler_filters():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(6, 40)), jnp.float32)
+    B = logits.shape[0]
+    ones, zeros = jnp.ones(B), jnp.zeros(B, jnp.int32)
+    seeds = jnp.arange(B, dtype=jnp.uint32)
+    draw = jax.jit(sample)
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    assert (draw(logits, 0 * ones, zeros, ones, seeds, zeros) == greedy).all()
+    assert (draw(logits, ones, zeros + 1, ones, seeds, zeros) == greedy).all()          # top_k = 1
+    assert (draw(logits, ones, zeros, ones * 1e-6, seeds, zeros) == greedy).all()       # top_p -> 0
+    top2 = np.asarray(jnp.argsort(-logits, -1)[:, :2])
+    draws = np.stack([draw(logits, ones * 5, zeros + 2, ones, seeds, zeros + c) for c in range(16)])
+    assert ((draws[..., None] == top2[None]).any(-1)).all()                            # only the top 2
+    assert (draws != greedy).any() and (draws == greedy).any()                         # and it does sample
+    again = np.stack([draw(logits, ones * 5, zeros + 2, ones, seeds, zeros + c) for c in range(16)])
+    assert (draws == again).all()                                                      # seeded
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=1.5), "top_k"), (dict(seed=-3), "seed"), (dict(stop=[""]), "stop"), (dict(bogus=1), "unknown"),
+])
+def test_sampling_params_reject(fields, words):
+    with pytest.raises(ValueError, match=words):
+        SamplingParams.from_dict(fields)
+
+
+def _seq(rid, n, max_tokens=4):
+    return Sequence(rid, list(range(n)), SamplingParams(max_tokens=max_tokens), 0.0)
+
+
+def test_scheduler_chunks_admits_fcfs_and_preempts_newest():
+    s = Scheduler(num_blocks=4, max_running=2, chunk_tokens=100)
+    a, b, c = _seq(0, 150), _seq(1, 30), _seq(2, 10)
+    for q in (a, b, c):
+        s.add(q)
+    plan = s.schedule()                       # a takes the whole budget: chunked prefill
+    assert [(q.rid, n) for q, n in plan.prefill] == [(0, 100)] and len(a.blocks) == 2
+    a.cached += 100
+    plan = s.schedule()                       # a's last 50 tokens, then b; c waits (max_running = 2)
+    assert [(q.rid, n) for q, n in plan.prefill] == [(0, 50), (1, 30)]
+    assert s.allocator.num_free == 0 and [q.rid for q in s.waiting] == [2]
+    a.tokens, a.cached = list(range(193)), 192           # a's 3 blocks are full: its next token needs a 4th
+    b.tokens, b.cached = list(range(31)), 30
+    plan = s.schedule()                       # no block free: the newest (b) is preempted for a
+    assert [q.rid for q in plan.preempted] == [1] and [q.rid for q in plan.decode] == [0]
+    assert [q.rid for q in s.waiting] == [1, 2] and b.cached == 0 and b.preemptions == 1 and len(a.blocks) == 4
+    with pytest.raises(ValueError, match="cache blocks"):
+        s.add(_seq(3, 200, max_tokens=100))
+
+
+def test_allocator():
+    alloc = BlockAllocator(4)
+    first = alloc.allocate(3)
+    assert first == [0, 1, 2] and alloc.allocate(2) is None and alloc.num_free == 1
+    alloc.free(first)
+    assert alloc.num_used == 0 and alloc.allocate(4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 1e-2), ("fp8", 8e-2)])
+def test_paged_cache_roundtrip_and_flash_mla(dtype, tol):
+    """Write latents into scattered blocks, read them back, and attend over them with FlashMLA's
+    shapes (512 + 64): against attention over the unpaged values."""
+    spec = CacheSpec(num_layers=2, num_blocks=6, latent_dim=512, rope_dim=64, dtype=dtype)
+    rng = np.random.default_rng(1)
+    ckv = jnp.asarray(rng.normal(size=(2, 100, 512)), jnp.float32)
+    krope = jnp.asarray(rng.normal(size=(2, 100, 64)), jnp.float32)
+    table = jnp.asarray([[4, 1], [0, 5]], jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(100), (2, 100))
+    slots = jnp.take_along_axis(table, positions // PAGE, 1) * PAGE + positions % PAGE
+    kv = paged.write(paged.init_cache(spec), 1, ckv, krope, slots.at[1, 90:].set(-1), spec)
+    got_c, got_r = paged.gather(kv, 1, table, spec, jnp.float32)
+    assert rel_err(got_c[0, :100], ckv[0]) < tol and rel_err(got_r[1, :90], krope[1, :90]) < tol
+    assert float(jnp.abs(got_c[1, 90:]).max()) == 0                 # dropped slots stay empty
+    lengths = jnp.asarray([100, 90], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(2, 1, 8, 576)), jnp.float32)
+    out = paged_attention(q, kv, paged.layer_table(table, 1, spec), lengths, 0.05, spec)
+    dense = jnp.concatenate([ckv, krope], -1)[:, None, :, None]      # [B, 1 page of 100, Hkv, D]
+    want = jnp.stack([flash_mla.flash_mla_reference(q[i:i + 1], dense[i], jnp.zeros((1, 1), jnp.int32),
+                                                    lengths[i:i + 1], softmax_scale=0.05)[0][0] for i in range(2)])
+    assert rel_err(out, want) < tol
+
+
+def test_cache_spec_rejects():
+    with pytest.raises(ValueError, match="FP8"):
+        CacheSpec(num_layers=1, num_blocks=4, latent_dim=64, rope_dim=16, dtype="fp8")
+    with pytest.raises(ValueError, match="num_blocks"):
+        CacheSpec(num_layers=1, num_blocks=0, latent_dim=64, rope_dim=16)
+
+
+def test_serve_bad_lines_fail_alone(net, tmp_path):
+    lines = [json.dumps(dict(prompt="def f(", max_tokens=3)), "{not json", json.dumps(dict(prompt="")),
+             json.dumps(dict(prompt="x" * 1200)), json.dumps(dict(prompt="ab", temperature=-2)),
+             json.dumps(dict(prompt="ab", max_tokens=4, temperature=0.8, seed=5, stop=["\n"])), json.dumps([1])]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    class Tok(ByteTokenizer):
+        eos_ids = (ByteTokenizer.eos_id,)
+
+    records, stats = serve.serve(net, Tok(), serve.read_requests(str(path)), SamplingParams(max_tokens=5),
+                                 EngineConfig(num_blocks=64, **SMALL), progress=False)
+    assert [("error" in r) for r in records] == [False, True, True, True, True, False, True]
+    assert "line 2" in records[1]["error"] and "empty prompt" in records[2]["error"]
+    assert "max_seq_len" in records[3]["error"] and "temperature" in records[4]["error"]
+    assert records[0]["tokens"] == 3 and records[5]["tokens"] <= 4 and "\n" not in records[5]["completion"]
+    assert stats["requests"] == 2 and stats["finished"] == 2 and stats["usd_per_m_output_tokens"] > 0

@@ -477,14 +477,18 @@ def _batch_shards(mesh: Mesh, batch_axes: tuple[str, ...]) -> int:
     return int(np.prod([mesh.shape[a] for a in batch_axes]))
 
 
-def _check_shapes(schedule: Schedule, stage_fn, rank_params, xs):
+def _check_shapes(schedule: Schedule, rank_params, xs):
     P, L = _placement(schedule).shape
     lead = {a.shape[:2] for a in jax.tree.leaves(rank_params)}
     if lead != {(P, L)}:
         raise ValueError(f"rank parameters must lead with [P={P}, L={L}] (to_rank_layout), got {lead}")
     if xs.shape[0] != schedule.micro_batches:
         raise ValueError(f"inputs lead with {xs.shape[0]} micro-batches, the schedule has {schedule.micro_batches}")
-    y = jax.eval_shape(stage_fn, _take(_take(rank_params, 0), 0), jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+
+
+def _check_stage(stage_fn, params, xs):
+    """Inside shard_map (the stage may use collectives): stage_fn keeps the activation's type."""
+    y = jax.eval_shape(stage_fn, _take(params, 0), jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
     if (y.shape, y.dtype) != (xs.shape[1:], xs.dtype):
         raise ValueError(f"stage_fn must keep the activation's shape and dtype: {xs.shape[1:]} {xs.dtype} -> "
                          f"{y.shape} {y.dtype}")
@@ -516,7 +520,7 @@ def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, schedule: Sch
     xs (so an embedding in front of the pipeline can be differentiated).
     """
     batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    _check_shapes(schedule, stage_fn, rank_params, xs)
+    _check_shapes(schedule, rank_params, xs)
     program = compile_schedule(schedule, training=True)
     param_specs, pspecs, batch = _specs(mesh, batch_axes, param_specs, rank_params)
     shards = _batch_shards(mesh, batch_axes)
@@ -527,6 +531,7 @@ def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, schedule: Sch
 
     def local(params, lp, xs, targets):
         params = _take(params, 0)                                       # [L, ...]
+        _check_stage(stage_fn, params, xs)
         rows = table[:, lax.axis_index(PIPE)]                          # [T, fields]
         stash = jnp.zeros((program.stash_slots + 1,) + xs.shape[1:], xs.dtype)
         mail = jnp.zeros((program.mail_slots + 1,) + xs.shape[1:], xs.dtype)
@@ -554,7 +559,7 @@ def pipeline_forward(stage_fn: Callable, schedule: Schedule, mesh: Mesh, rank_pa
     """Inference: the schedule's forwards only (same placement and routes, no stash). Returns
     the last stage's outputs [M, b, ...], split over `batch_axes` like xs. Call under `jax.jit`."""
     batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    _check_shapes(schedule, stage_fn, rank_params, xs)
+    _check_shapes(schedule, rank_params, xs)
     program = compile_schedule(schedule, training=False)
     _, pspecs, batch = _specs(mesh, batch_axes, param_specs, rank_params)
     ctx = _Ctx(stage_fn, None, program, 1.0)
@@ -562,6 +567,7 @@ def pipeline_forward(stage_fn: Callable, schedule: Schedule, mesh: Mesh, rank_pa
 
     def local(params, xs):
         params = _take(params, 0)
+        _check_stage(stage_fn, params, xs)
         rows = table[:, lax.axis_index(PIPE)]
         mail = jnp.zeros((program.mail_slots + 1,) + xs.shape[1:], xs.dtype)
         outs = jnp.zeros((xs.shape[0] + 1,) + xs.shape[1:], xs.dtype)

@@ -15,6 +15,7 @@ from model.transformer import _scan_step, run_stack
 from model import mla
 from model.rope import rope_tables
 from sharding import pipeline as pl
+from sharding.ep import combine, dispatch
 from sharding.mesh import make_mesh
 from sharding.schedules import make_schedule, memory_table
 
@@ -97,12 +98,12 @@ def test_inference_forward_equals_sequential(kind, ranks):
     assert pl.compile_schedule(schedule, training=False).stash_slots == 0, "inference keeps no activations"
 
 
-@pytest.mark.parametrize("kind", ["1f1b", "zb1p", "dualpipe", "dualpipev"])
+@pytest.mark.parametrize("kind", ["1f1b", "dualpipe"])      # zb1p, dualpipev: test_composes_with_expert_axis
 def test_composes_with_data_axis(kind):
     """data=2 x pipe=2 (x expert=2): rows split over data (and expert), gradients summed over them."""
     schedule = make_schedule(kind, 2, micro_batches(kind, 2))
     mesh = make_mesh(data=2, pipe=2, expert=2)
-    batch_axes = ("data", "expert") if kind in ("dualpipe", "dualpipev") else ("data",)
+    batch_axes = ("data", "expert") if kind == "dualpipe" else ("data",)
     sp, lp, xs, ts = problem(schedule, rows=8, seed=2)
     loss, rank_grads, loss_grads, dxs, _ = pipelined(schedule, mesh, sp, lp, xs, ts, batch_axes)
     want_loss, want_g, want_lg, want_dxs = pl.sequential_value_and_grad(stage_fn, loss_fn, sp, lp, xs, ts)
@@ -113,6 +114,57 @@ def test_composes_with_data_axis(kind):
     rel_err(loss_grads["head"], want_lg["head"], "loss-head grad")
     rel_err(dxs, want_dxs, "input grad")
     assert dxs.sharding.spec[1] == (batch_axes if len(batch_axes) > 1 else batch_axes[0])
+
+
+E = 4                            # routed experts of the expert-parallel stage
+
+
+def moe_stage(p, x):                                   # x [n, D]: this (data, expert) shard's rows
+    """A residual top-1 MoE layer, experts sharded over `expert`: DeepEP-style dispatch and
+    combine (sharding.ep) inside the pipeline stage."""
+    scores = jnp.einsum("nd,de->ne", x, p["router"])
+    top = jnp.argmax(scores, axis=-1)[:, None]                                           # [n, 1]
+    weight = jax.nn.sigmoid(jnp.take_along_axis(scores, top, axis=-1))                   # [n, 1]
+    recv_x, recv_idx, recv_w, _, handle = dispatch(x, top, weight, E)                   # [R, n, ...]
+    local = recv_idx[..., 0]
+    w = p["experts"][jnp.clip(local, 0)]                                                 # [R, n, D, D]
+    y = jnp.where((local >= 0)[..., None], recv_w * jnp.tanh(jnp.einsum("rnd,rnde->rne", recv_x, w)), 0)
+    return x + combine(y, handle)
+
+
+def moe_stage_dense(p, x):
+    """The same layer on one device: every token through its chosen expert."""
+    scores = jnp.einsum("nd,de->ne", x, p["router"])
+    top = jnp.argmax(scores, axis=-1)
+    weight = jax.nn.sigmoid(jnp.take_along_axis(scores, top[:, None], axis=-1))
+    return x + weight * jnp.tanh(jnp.einsum("nd,nde->ne", x, p["experts"][top]))
+
+
+@pytest.mark.parametrize("kind", ["zb1p", "dualpipev"])
+def test_composes_with_expert_axis(kind):
+    """data=2 x pipe=2 x expert=2: rows over (data, expert), each stage's experts over `expert`
+    (param_specs), tokens dispatched to their expert's rank and combined back inside the stage.
+    Expert weights' gradients are summed over `data` only, the router's over both."""
+    schedule = make_schedule(kind, 2, 4)
+    mesh = make_mesh(data=2, pipe=2, expert=2)
+    rng = np.random.default_rng(5)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    S = schedule.stages
+    sp = {"router": normal(S, D, E), "experts": normal(S, E, D, D) / 4}
+    lp = {"head": normal(D, OUT)}
+    xs, ts = normal(4, 16, D), normal(4, 16, OUT)
+    specs = {"router": PartitionSpec(), "experts": PartitionSpec("expert")}
+    run = jax.jit(lambda rp, lp, xs, ts: pl.pipeline_value_and_grad(
+        moe_stage, loss_fn, schedule, mesh, rp, lp, xs, ts, batch_axes=("data", "expert"), param_specs=specs))
+    loss, rank_grads, loss_grads, dxs = run(pl.to_rank_layout(schedule, sp), lp, xs, ts)
+    assert rank_grads["experts"].sharding.spec == PartitionSpec("pipe", None, "expert")
+    want_loss, want_g, want_lg, want_dxs = pl.sequential_value_and_grad(moe_stage_dense, loss_fn, sp, lp, xs, ts)
+    grads = pl.from_rank_layout(schedule, rank_grads)
+    rel_err(loss, want_loss, "loss")
+    rel_err(grads["router"], want_g["router"], "router grad")
+    rel_err(grads["experts"], want_g["experts"], "expert grad")
+    rel_err(loss_grads["head"], want_lg["head"], "loss-head grad")
+    rel_err(dxs, want_dxs, "input grad")
 
 
 @pytest.mark.parametrize("kind", ["1f1b", "zb1p", "dualpipe", "dualpipev"])

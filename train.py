@@ -94,6 +94,9 @@ def parse_args(argv=None):
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp8"])
     a("--remat", default="none", choices=["none", "full", "dots"])
     a("--mesh", default="", help="e.g. data=2,expert=4 (default: data over all devices)")
+    a("--eplb-every", type=int, default=0, metavar="N",
+      help="EPLB: every N steps, re-place experts by the last N steps' loads (0: off; needs --mesh expert>1)")
+    a("--eplb-redundant", type=int, default=0, metavar="R", help="EPLB: redundant expert slots (replicas)")
     a("--data", default="", help="a prepared corpus directory (storage.prepare); default: the embedded corpus")
     a("--out", default="runs/tiny", help="final model, Hugging Face layout (for serve.py)")
     a("--ckpt-dir", default="", help="Orbax checkpoints (default: OUT-ckpt)")
@@ -118,6 +121,16 @@ def parse_args(argv=None):
         args.cfg = config_from_args(args)
     except ValueError as err:
         p.error(str(err))
+    if args.eplb_every or args.eplb_redundant:
+        expert = args.mesh_sizes.get("expert", 1)
+        slots = args.cfg.num_routed_experts + args.eplb_redundant
+        if args.eplb_every <= 0 or args.eplb_redundant < 0:
+            p.error(f"--eplb-every must be positive (got {args.eplb_every}) and --eplb-redundant >= 0")
+        if expert <= 1 or args.cfg.num_moe_layers == 0:
+            p.error("--eplb-every places experts over the `expert` mesh axis: it needs MoE layers and "
+                    "--mesh with expert > 1, e.g. --mesh data=2,expert=4")
+        if slots % expert:
+            p.error(f"--eplb-redundant {args.eplb_redundant}: {slots} expert slots do not divide over expert={expert}")
     return args
 
 
@@ -212,6 +225,15 @@ def _export_atomically(m: model.Transformer, out: Path):
     tmp.rename(out)
 
 
+def _eplb_step(balancer: sharding.eplb.Balancer, step: int, counts) -> None:
+    """Feed one step's expert counts to EPLB; when a rebalance is due, it moves weights and Adam moments."""
+    balancer.observe(counts)
+    rep = balancer.step(step)
+    if rep is not None:
+        print(f"EPLB step {step}: GPU load max/mean {rep['mean_before']:.3f} -> {rep['mean_after']:.3f} "
+              f"(mean over {len(rep['imbalance_before'])} MoE layers, last {len(balancer.stats)} steps)", flush=True)
+
+
 def _plots(records: list[dict], loads: np.ndarray | None, out: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -256,6 +278,8 @@ def main(argv=None):
     if args.on_nan == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
     opt = sharding.shard_model(nnx.Optimizer(m, tx, wrt=nnx.Param), mesh)    # moments follow their params
+    balancer = (sharding.eplb.Balancer(m, opt, mesh, every=args.eplb_every, redundant=args.eplb_redundant)
+                if args.eplb_every else None)                                 # before restore: slot shapes
     ckpt = Checkpointer(args.ckpt_dir or str(out) + "-ckpt", max_to_keep=args.keep, save_interval_steps=1)
     start = 0
     if not args.no_resume and ckpt.latest_step() is not None:
@@ -273,6 +297,8 @@ def main(argv=None):
                     jax.profiler.start_trace(str(out) + "-profile")
                 batch = {k: sharding.shard_batch(v, mesh) for k, v in next(loader).items()}
                 metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma, args.z_loss)
+                if balancer is not None:
+                    _eplb_step(balancer, step, metrics["load"])
                 window_tokens += args.batch * args.seq_len
                 if args.profile and step == 5:
                     jax.block_until_ready(metrics["loss"])
@@ -314,6 +340,8 @@ def main(argv=None):
         ckpt.save(args.steps, m, opt, loader, force=True)
     ckpt.close()
     loader.close()
+    if balancer is not None:
+        sharding.eplb.apply_placement(m, None, None)             # back to E logical experts for export
     if jax.process_index() == 0:
         _export_atomically(m, out)
         _plots(records, loads, out)

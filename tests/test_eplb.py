@@ -231,3 +231,41 @@ def test_optimizer_state_follows_its_expert():
         assert rel_err(b.get_value(), a.get_value()) < 1e-6, path
     for path, a in _moments(opt).items():
         assert rel_err(_moments(opt_b)[path], a) < 1e-5, path
+
+
+TRAIN = ["--batch", "8", "--seq-len", "16", "--log-every", "1", "--ckpt-every", "2", "--mesh", "data=2,expert=4",
+         "--set", "model.num_layers=2", "--set", "model.d_model=32", "--set", "model.moe_ffn_dim=16",
+         "--set", "model.dense_ffn_dim=32", "--set", "model.mtp_depth=0"]
+
+
+def test_train_rebalances_every_n_steps_and_resumes(tmp_path, capsys):
+    import re
+
+    import train
+    from storage import prepare_embedded_corpus
+    corpus = tmp_path / "data"
+    prepare_embedded_corpus(corpus, max_tokens=1 << 18, progress=False)
+    out = tmp_path / "tiny"
+    flags = ["--out", str(out), "--data", str(corpus), "--eplb-every", "1", "--eplb-redundant", "4", *TRAIN]
+    train.main(["--steps", "2", *flags])
+    train.main(["--steps", "3", *flags])                                    # resumes: slots come back from Orbax
+    text = capsys.readouterr().out
+    steps = [int(s) for s in re.findall(r"EPLB step (\d+)", text)]
+    ratios = [(float(a), float(b)) for a, b in re.findall(r"max/mean (\d+\.\d+) -> (\d+\.\d+)", text)]
+    assert steps == [1, 2, 3] and "resumed from step 2" in text
+    assert all(after <= before for before, after in ratios) and ratios[-1][1] < 1.2, ratios
+    exported = model.load_hf_checkpoint(out)                                 # E logical experts, nothing extra
+    assert exported.moe_layers.ffn.w_gate.shape[1] == E
+    assert not hasattr(exported.moe_layers.ffn, "phy2log")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--eplb-every", "4"], "needs MoE layers and --mesh with expert > 1"),
+    (["--eplb-redundant", "2", "--mesh", "data=2,expert=4"], "--eplb-every must be positive"),
+    (["--eplb-every", "4", "--eplb-redundant", "2", "--mesh", "data=2,expert=4"], "18 expert slots do not divide"),
+])
+def test_eplb_flags_fail_before_work(flags, words, capsys):
+    import train
+    with pytest.raises(SystemExit):
+        train.main(flags)
+    assert words in capsys.readouterr().err

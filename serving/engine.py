@@ -38,6 +38,7 @@ class EngineConfig:
     min_token_bucket: int = 16       # smallest prefill chunk bucket
     min_batch_bucket: int = 1        # raise these to compile fewer shapes (e.g. tests)
     min_block_bucket: int = 1
+    bake_params: bool | None = None  # parameters as compile-time constants; None: on CPU for models <= 64 MiB
 
 
 @dataclasses.dataclass
@@ -56,12 +57,32 @@ def bucket(n: int, least: int = 1) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
 
 
-@jax.jit(static_argnames=("graphdef", "absorbed", "spec"), donate_argnames=("kv",))
-def _step(graphdef, state, kv, batch: Batch, sampling, *, absorbed: bool, spec: paged.CacheSpec):
-    TRACES[0] += 1
-    m = nnx.merge(graphdef, state)
-    logits, kv = forward_paged(m, kv, batch, absorbed=absorbed, spec=spec)
-    return sample(logits, *sampling), logits, kv
+_STEPS: dict = {}
+BAKE_LIMIT_BYTES = 64 << 20
+
+
+def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, bake: bool):
+    """The jitted step for one model and cache: (leaves, kv, batch, sampling) -> (tokens, logits, kv).
+
+    Cached here, so the graphdef is hashed once per engine, not per call. bake=True closes over
+    the parameters, making them compile-time constants: XLA:CPU then lays out and slices the
+    stacked weights once at compile time instead of copying them every step (3-6x faster decode
+    for the tiny model on CPU); such a step is specific to these parameter arrays.
+    """
+    key = (graphdef, treedef, spec, absorbed, tuple(map(id, leaves)) if bake else None)
+    if key not in _STEPS:
+        def step(leaves, kv, batch: Batch, sampling):
+            TRACES[0] += 1
+            m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            logits, kv = forward_paged(m, kv, batch, absorbed=absorbed, spec=spec)
+            return sample(logits, *sampling), logits, kv
+
+        if bake:
+            fn = jax.jit(lambda _, kv, batch, sampling: step(leaves, kv, batch, sampling), donate_argnums=1)
+        else:
+            fn = jax.jit(step, donate_argnums=1)
+        _STEPS[key] = (fn, leaves)           # the leaves stay referenced, so their ids stay theirs
+    return _STEPS[key][0]
 
 
 class Engine:
@@ -73,7 +94,13 @@ class Engine:
         dtype = config.cache_dtype or ("float32" if cfg.dtype == "float32" else "bfloat16")
         self.cfg, self.config = cfg, config
         self.spec = paged.CacheSpec(cfg.num_layers, config.num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
-        self.graphdef, self.state = nnx.split(model)
+        graphdef, state = nnx.split(model)
+        self.leaves, treedef = jax.tree.flatten(state)
+        bake = config.bake_params
+        if bake is None:
+            size = sum(x.size * x.dtype.itemsize for x in self.leaves)
+            bake = jax.default_backend() == "cpu" and size <= BAKE_LIMIT_BYTES
+        self._steps = {a: _step_fn(graphdef, treedef, self.leaves, self.spec, a, bake) for a in (False, True)}
         self.kv = paged.init_cache(self.spec)
         self.scheduler = Scheduler(config.num_blocks, config.max_running, config.chunk_tokens)
         self.detokenize = detokenize
@@ -144,8 +171,7 @@ class Engine:
 
     def _run(self, rows: list[tuple[Sequence, int, int]], absorbed: bool) -> list[int]:
         batch, sampling = self._pack(rows)
-        tokens, logits, self.kv = _step(self.graphdef, self.state, self.kv, batch, sampling, absorbed=absorbed,
-                                        spec=self.spec)
+        tokens, logits, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling)
         tokens = np.asarray(tokens)
         if self.keep_logits:
             logits = np.asarray(logits)

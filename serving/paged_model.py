@@ -111,6 +111,7 @@ def _stacks(m: Transformer):
 def forward_paged(m: Transformer, kv, batch: Batch, *, absorbed: bool, spec: CacheSpec):
     """Logits at each row's last real token [B, V] (f32) and the updated cache."""
     cfg = m.cfg
+    unrolled = dataclasses.replace(cfg, scan_layers=False, remat="none")    # straight-line: cache writes in place
     rope = rope_tables(batch.positions, cfg)
     h = m.embed_tokens(batch.tokens)
     start = 0
@@ -121,7 +122,7 @@ def forward_paged(m: Transformer, kv, batch: Batch, *, absorbed: bool, spec: Cac
             x, kv = carry
             return paged_block(layer, x, index, kv, rope, batch, absorbed, cfg, spec), None
 
-        (h, kv), _ = run_stack(stack, (h, kv), step, start + jnp.arange(count, dtype=jnp.int32), cfg)
+        (h, kv), _ = run_stack(stack, (h, kv), step, start + jnp.arange(count, dtype=jnp.int32), unrolled)
         start += count
     last = jnp.maximum(batch.valid.sum(axis=1) - 1, 0)                             # [B]
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)                   # [B, 1, D]

@@ -67,7 +67,12 @@ def _number(x) -> bool:
 def sample(logits: Float[Array, "B V"], temperature: Float[Array, " B"], top_k: Int[Array, " B"],
            top_p: Float[Array, " B"], seeds: Array, counters: Int[Array, " B"]) -> Int[Array, " B"]:
     """One token a row: argmax where temperature is 0, else a draw from the filtered softmax."""
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature > 0), _draw, lambda *_: greedy,
+                        logits, temperature, top_k, top_p, seeds, counters, greedy)
+
+
+def _draw(logits, temperature, top_k, top_p, seeds, counters, greedy):
     order = jnp.argsort(-logits, axis=-1)                                         # [B, V] descending
     ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
     rank = jnp.arange(logits.shape[-1])[None]

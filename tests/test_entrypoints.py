@@ -31,8 +31,9 @@ def test_train_resume_then_serve(tmp_path, corpus):
     records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 4, 5, 6]
     serve.main(["--checkpoint", str(out), "--max-tokens", "5", "--output", str(tmp_path / "o.jsonl")])
-    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    *rows, stats = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(rows) == len(serve.PROMPTS) and all(r["tokens"] == 5 for r in rows)
+    assert stats["stats"]["generated_tokens"] == 5 * len(rows) and stats["stats"]["usd_per_m_output_tokens"] > 0
 
 
 @pytest.mark.parametrize("flags, words", [

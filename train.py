@@ -231,7 +231,7 @@ def _eplb_step(balancer: sharding.eplb.Balancer, step: int, counts) -> None:
     rep = balancer.step(step)
     if rep is not None:
         print(f"EPLB step {step}: GPU load max/mean {rep['mean_before']:.3f} -> {rep['mean_after']:.3f} "
-              f"(mean over {len(rep['imbalance_before'])} MoE layers, last {len(balancer.stats)} steps)", flush=True)
+              f"(mean over {len(rep['imbalance_before'])} expert layers, last {len(balancer.stats)} steps)", flush=True)
 
 
 def _plots(records: list[dict], loads: np.ndarray | None, out: Path):

@@ -339,8 +339,8 @@ def apply_placement(m, optimizer, new: Placement | None, mesh=None) -> None:
         for name in _EXPERT_WEIGHTS:
             var = getattr(layer, name)
             var.set_value(_take_slots(var.get_value(), perm[rows], stacked))
-        for field in _SLOT_FIELDS:
-            if has_slots(layer):
+        if has_slots(layer):
+            for field in _SLOT_FIELDS:
                 delattr(layer, field)
         if new is not None:
             P = target.num_physical
@@ -369,7 +369,10 @@ class Balancer:
     """EPLB during training: per-step expert counts in, a rebalance of weights and optimizer every `every` steps.
 
     On construction the model moves to E + redundant physical slots (replicas of a uniform-load
-    placement), so checkpoints restored afterwards find the shapes they were saved with.
+    placement), so checkpoints restored afterwards find the shapes (and the placement) they were
+    saved with; the load window itself is not checkpointed and refills after a resume.
+    Replicas share their expert's summed gradient (model.moe.tie_replicas), so they stay copies;
+    a global gradient norm (clipping) counts a replicated expert once per replica.
     """
 
     def __init__(self, m, optimizer, mesh, *, every: int, redundant: int = 0, window: int | None = None,

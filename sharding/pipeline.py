@@ -604,20 +604,18 @@ def memory_report(schedule: Schedule) -> PipelineMemory:
 
 def sequential_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params, loss_params,
                               xs: jax.Array, targets) -> tuple[Any, Any, Any, jax.Array]:
-    """The reference: each micro-batch through stages 0..S-1 in order, the mean of its losses,
-    one `jax.value_and_grad`. Returns (loss, stage_grads [S, ...], loss_grads, dxs)."""
+    """The reference: each micro-batch through stages 0..S-1 in order, the mean of the
+    micro-batches' losses, one `jax.value_and_grad`. Returns (loss, stage_grads [S, ...],
+    loss_grads, dxs)."""
 
     def total(sp, lp, xs):
-        losses = [loss_fn(lp, sequential_forward(stage_fn, sp, xs[m]), _take(targets, m)).astype(jnp.float32)
-                  for m in range(xs.shape[0])]
-        return sum(losses) / xs.shape[0]
+        one = lambda x, tgt: loss_fn(lp, sequential_forward(stage_fn, sp, x), tgt).astype(jnp.float32)  # noqa: E731
+        return jnp.mean(jax.vmap(one)(xs, targets))
 
-    loss, (g, lg, dxs) = jax.value_and_grad(total, argnums=(0, 1, 2))(stage_params, loss_params, xs)
+    loss, (g, lg, dxs) = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(stage_params, loss_params, xs)
     return loss, g, lg, dxs
 
 
 def sequential_forward(stage_fn: Callable, stage_params, x: jax.Array) -> jax.Array:
-    """x through stages 0..S-1 in order."""
-    for s in range(jax.tree.leaves(stage_params)[0].shape[0]):
-        x = stage_fn(_take(stage_params, s), x)
-    return x
+    """x through stages 0..S-1 in order (a scan over the stage axis)."""
+    return lax.scan(lambda h, p: (stage_fn(p, h), None), x, stage_params)[0]

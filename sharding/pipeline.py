@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, Float
 
 from sharding.schedules import Schedule
 
@@ -397,11 +398,11 @@ def _backward(ctx: _Ctx, params, lp, stash, mail, targets, grads, lgrads, row):
         return jnp.zeros_like(x), grads, lgrads
 
     def full():
-        dx, dp, dlp = _stage_vjp(ctx, p, lp, x, dy, tgt, g("b_last"), "all")
+        dx, dp, dlp = _stage_vjp(ctx, p, lp, x, dy, tgt, g("b_last") == 1, "all")
         return dx, _add_at(grads, g("b_j"), dp), _tree_add(lgrads, dlp)
 
     def split():
-        dx, _, _ = _stage_vjp(ctx, p, lp, x, dy, tgt, g("b_last"), "input")
+        dx, _, _ = _stage_vjp(ctx, p, lp, x, dy, tgt, g("b_last") == 1, "input")
         return dx, grads, lgrads
 
     return lax.switch(g("b_kind"), (none, full, split))
@@ -413,7 +414,7 @@ def _weight(ctx: _Ctx, params, lp, stash, mail, targets, grads, lgrads, row):
     x, dy, tgt = stash[g("w_x")], mail[g("w_dy")], _take(targets, g("w_m"))
 
     def run():
-        _, dp, dlp = _stage_vjp(ctx, _take(params, g("w_j")), lp, x, dy, tgt, g("w_last"), "weight")
+        _, dp, dlp = _stage_vjp(ctx, _take(params, g("w_j")), lp, x, dy, tgt, g("w_last") == 1, "weight")
         return _add_at(grads, g("w_j"), dp), _tree_add(lgrads, dlp)
 
     return lax.cond(g("w_on") == 1, run, lambda: (grads, lgrads))
@@ -437,7 +438,8 @@ def _train_tick(ctx: _Ctx, params, lp, xs, targets, carry, row):
     g = lambda name: row[_F[name]]  # noqa: E731
     x_in = jnp.where(g("f_input") == 1, xs[g("f_m")], mail[g("f_src")])
     with jax.named_scope("pipeline/forward"):
-        y, loss_m = _forward(ctx, params, lp, x_in, g("f_j"), _take(targets, g("f_m")), g("f_last") == 1, g("f_on") == 1)
+        y, loss_m = _forward(ctx, params, lp, x_in, g("f_j"), _take(targets, g("f_m")), g("f_last") == 1,
+                             g("f_on") == 1)
     with jax.named_scope("pipeline/backward"):
         dx, grads, lgrads = _backward(ctx, params, lp, stash, mail, targets, grads, lgrads, row)
     with jax.named_scope("pipeline/weight_grad"):
@@ -504,7 +506,7 @@ def _sum_duplicates(schedule: Schedule, grads):
 
 
 def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, schedule: Schedule, mesh: Mesh,
-                            rank_params, loss_params, xs: jax.Array, targets, *,
+                            rank_params, loss_params, xs: Float[Array, "M b ..."], targets, *,
                             batch_axes: tuple[str, ...] = ("data",), param_specs=None):
     """Run `schedule` for training. Call it under `jax.jit`.
 
@@ -554,8 +556,8 @@ def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, schedule: Sch
     return f(rank_params, loss_params, xs, targets)
 
 
-def pipeline_forward(stage_fn: Callable, schedule: Schedule, mesh: Mesh, rank_params, xs: jax.Array, *,
-                     batch_axes: tuple[str, ...] = ("data",), param_specs=None) -> jax.Array:
+def pipeline_forward(stage_fn: Callable, schedule: Schedule, mesh: Mesh, rank_params, xs: Float[Array, "M b ..."],
+                     *, batch_axes: tuple[str, ...] = ("data",), param_specs=None) -> Float[Array, "M b ..."]:
     """Inference: the schedule's forwards only (same placement and routes, no stash). Returns
     the last stage's outputs [M, b, ...], split over `batch_axes` like xs. Call under `jax.jit`."""
     batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)

@@ -10,10 +10,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import model
-from model import ModelConfig
-from model.transformer import _scan_step, run_stack
-from model import mla
+from model import ModelConfig, mla
 from model.rope import rope_tables
+from model.transformer import _scan_step, run_stack
 from sharding import pipeline as pl
 from sharding.ep import combine, dispatch
 from sharding.mesh import make_mesh
@@ -261,7 +260,8 @@ def test_transformer_blocks_pipelined(kind, report):
     @jax.jit
     def reference(model_params):
         def loss(params):
-            logits = jax.vmap(lambda t: nnx.merge(model_gd, params, model_rest).forward(t, with_mtp=False).logits)(inputs)
+            full = nnx.merge(model_gd, params, model_rest)
+            logits = jax.vmap(lambda t: full.forward(t, with_mtp=False).logits)(inputs)
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
         return jax.value_and_grad(loss)(model_params)
 

@@ -26,6 +26,10 @@ rank layout [P, L, ...] (`to_rank_layout`), sharded over `pipe`: rank r holds `p
 stage for 1F1B/ZB1P, two for DualPipe (r and P-1-r: every stage held twice; the two copies'
 gradients are summed, as DualPipe all-reduces them) and DualPipeV (r and 2P-1-r, the V).
 
+Aux: with `has_aux` a stage returns (y, aux_loss, stats): the aux loss (e.g. the MoE sequence
+balance loss) joins the loss and is differentiated in the stage's own backward; stats (e.g.
+expert counts) are summed over micro-batches and batch shards, per stage.
+
 Batch: inputs [M, b, ...] (M micro-batches, b rows) are split over `batch_axes` (default the
 `data` axis) on the row axis; the loss is the mean over micro-batches of `loss_fn`, itself a mean
 over its rows, and averaged over the batch shards, so gradients are summed over batch shards
@@ -39,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -328,6 +332,15 @@ class _Ctx:
     loss_fn: Callable | None
     program: Program
     scale: float                                      # cotangent of each micro-batch's loss
+    has_aux: bool = False                             # stage_fn -> (y, aux_loss, stats)
+
+
+def _run_stage(ctx: _Ctx, p, x):
+    """(y, aux_loss, stats) of one stage; without has_aux, aux_loss = 0 and stats = ()."""
+    if ctx.has_aux:
+        y, aux_loss, stats = ctx.stage_fn(p, x)
+        return y, jnp.asarray(aux_loss, jnp.float32), stats
+    return ctx.stage_fn(p, x), jnp.float32(0), ()
 
 
 def _take(tree, i):
@@ -349,16 +362,21 @@ def _tree_add(a, b):
 def _stage_vjp(ctx: _Ctx, p, lp, x, dy, tgt, last, wrt: str):
     """(dx, dp, dlp) of one stage for one micro-batch, recomputing its forward. wrt: "all" (full
     B), "input" (split B: dp, dlp zero) or "weight" (W: dx zero). On the last stage the output
-    gradient comes from the loss (cotangent `ctx.scale`) instead of dy. Only the wanted
+    gradient comes from the loss (cotangent `ctx.scale`) instead of dy; a stage's own aux loss
+    always gets cotangent `ctx.scale`. Only the wanted
     cotangents are traced: the others' arguments are constants of the vjp, so a split B does no
     weight-gradient work and a W no input-gradient work."""
     want_x, want_p = wrt in ("all", "input"), wrt in ("all", "weight")
+    def f(p_, x_):
+        y, aux_loss, stats = _run_stage(ctx, p_, x_)
+        return (y, aux_loss), stats
+
     if want_x and want_p:
-        y, pullback = jax.vjp(ctx.stage_fn, p, x)
+        (y, _), pullback, _ = jax.vjp(f, p, x, has_aux=True)
     elif want_x:
-        y, pullback = jax.vjp(lambda x_: ctx.stage_fn(p, x_), x)
+        (y, _), pullback, _ = jax.vjp(lambda x_: f(p, x_), x, has_aux=True)
     else:
-        y, pullback = jax.vjp(lambda p_: ctx.stage_fn(p_, x), p)
+        (y, _), pullback, _ = jax.vjp(lambda p_: f(p_, x), p, has_aux=True)
     dlp = _zeros(lp)
     if ctx.loss_fn is not None:
         def from_loss():
@@ -369,23 +387,26 @@ def _stage_vjp(ctx: _Ctx, p, lp, x, dy, tgt, last, wrt: str):
             _, loss_pullback = jax.vjp(lambda y_: loss(lp, y_), y)
             return loss_pullback(jnp.float32(ctx.scale))[0], _zeros(lp)
         dy, dlp = lax.cond(last, from_loss, lambda: (dy, _zeros(lp)))
-    cts = pullback(dy)
+    cts = pullback((dy, jnp.float32(ctx.scale)))
     dp = cts[0] if want_p else _zeros(p)
     dx = cts[-1] if want_x else jnp.zeros_like(x)
     return dx, dp, dlp
 
 
 def _forward(ctx: _Ctx, params, lp, x, j, tgt, last, on):
-    """y = stage j(x), plus the micro-batch's loss on the last stage; zeros when idle."""
+    """y = stage j(x), the micro-batch's loss on the last stage, the stage's aux loss and
+    stats; zeros when idle."""
+    p = _take(params, j)
 
     def run():
-        y = ctx.stage_fn(_take(params, j), x)
+        y, aux_loss, stats = _run_stage(ctx, p, x)
         if ctx.loss_fn is None:
-            return y, jnp.float32(0)
+            return y, jnp.float32(0), aux_loss, stats
         loss = lax.cond(last, lambda: ctx.loss_fn(lp, y, tgt).astype(jnp.float32), lambda: jnp.float32(0))
-        return y, loss
+        return y, loss, aux_loss, stats
 
-    return lax.cond(on, run, lambda: (jnp.zeros_like(x), jnp.float32(0)))
+    idle = _zeros(jax.eval_shape(lambda: _run_stage(ctx, p, x)[2]))
+    return lax.cond(on, run, lambda: (jnp.zeros_like(x), jnp.float32(0), jnp.float32(0), idle))
 
 
 def _backward(ctx: _Ctx, params, lp, stash, mail, targets, grads, lgrads, row):
@@ -434,11 +455,11 @@ def _exchange(program: Program, mail, y, dx, row):
 
 
 def _train_tick(ctx: _Ctx, params, lp, xs, targets, carry, row):
-    stash, mail, grads, lgrads, loss, dxs = carry
+    stash, mail, grads, lgrads, loss, aux, stats, dxs = carry
     g = lambda name: row[_F[name]]  # noqa: E731
     x_in = jnp.where(g("f_input") == 1, xs[g("f_m")], mail[g("f_src")])
     with jax.named_scope("pipeline/forward"):
-        y, loss_m = _forward(ctx, params, lp, x_in, g("f_j"), _take(targets, g("f_m")), g("f_last") == 1,
+        y, loss_m, aux_m, stats_m = _forward(ctx, params, lp, x_in, g("f_j"), _take(targets, g("f_m")), g("f_last") == 1,
                              g("f_on") == 1)
     with jax.named_scope("pipeline/backward"):
         dx, grads, lgrads = _backward(ctx, params, lp, stash, mail, targets, grads, lgrads, row)
@@ -447,7 +468,9 @@ def _train_tick(ctx: _Ctx, params, lp, xs, targets, carry, row):
     stash = stash.at[g("f_stash")].set(x_in)
     dxs = dxs.at[g("b_dx")].set(dx)
     mail = _exchange(ctx.program, mail, y, dx, row)
-    return (stash, mail, grads, lgrads, loss + loss_m * (1.0 / ctx.program.schedule.micro_batches), dxs)
+    inv_m = 1.0 / ctx.program.schedule.micro_batches
+    stats = _add_at(stats, g("f_j"), stats_m)                # idle: adds zeros
+    return (stash, mail, grads, lgrads, loss + loss_m * inv_m, aux + aux_m * inv_m, stats, dxs)
 
 
 def _infer_tick(ctx: _Ctx, params, xs, carry, row):
@@ -455,7 +478,7 @@ def _infer_tick(ctx: _Ctx, params, xs, carry, row):
     g = lambda name: row[_F[name]]  # noqa: E731
     x_in = jnp.where(g("f_input") == 1, xs[g("f_m")], mail[g("f_src")])
     with jax.named_scope("pipeline/forward"):
-        y, _ = _forward(ctx, params, (), x_in, g("f_j"), None, False, g("f_on") == 1)
+        y = _forward(ctx, params, (), x_in, g("f_j"), None, False, g("f_on") == 1)[0]
     outs = outs.at[g("f_out")].set(y)
     return _exchange(ctx.program, mail, y, jnp.zeros_like(y), row), outs
 
@@ -488,9 +511,10 @@ def _check_shapes(schedule: Schedule, rank_params, xs):
         raise ValueError(f"inputs lead with {xs.shape[0]} micro-batches, the schedule has {schedule.micro_batches}")
 
 
-def _check_stage(stage_fn, params, xs):
+def _check_stage(ctx: _Ctx, params, xs):
     """Inside shard_map (the stage may use collectives): stage_fn keeps the activation's type."""
-    y = jax.eval_shape(stage_fn, _take(params, 0), jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
+    y = jax.eval_shape(lambda p, x: _run_stage(ctx, p, x)[0], _take(params, 0),
+                       jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype))
     if (y.shape, y.dtype) != (xs.shape[1:], xs.dtype):
         raise ValueError(f"stage_fn must keep the activation's shape and dtype: {xs.shape[1:]} {xs.dtype} -> "
                          f"{y.shape} {y.dtype}")
@@ -505,71 +529,92 @@ def _sum_duplicates(schedule: Schedule, grads):
     return total
 
 
+class PipelineOutput(NamedTuple):
+    """loss: mean over micro-batches of loss_fn plus every stage's aux loss, averaged over batch
+    shards; aux_loss: the aux-loss part of it; grads: [P, L, ...] stage-parameter gradients
+    (rank layout; both copies of a DualPipe stage hold the sum); loss_grads: of loss_params;
+    input_grads: [M, b, ...] gradient with respect to xs (for an embedding in front of the
+    pipeline); stats: [P, L, ...] each stage's stats summed over micro-batches and batch shards
+    (e.g. expert counts), () without has_aux."""
+
+    loss: jax.Array
+    aux_loss: jax.Array
+    grads: Any
+    loss_grads: Any
+    input_grads: jax.Array
+    stats: Any
+
+
 def pipeline_value_and_grad(stage_fn: Callable, loss_fn: Callable, schedule: Schedule, mesh: Mesh,
                             rank_params, loss_params, xs: Float[Array, "M b ..."], targets, *,
-                            batch_axes: tuple[str, ...] = ("data",), param_specs=None):
+                            batch_axes: tuple[str, ...] = ("data",), param_specs=None,
+                            has_aux: bool = False) -> PipelineOutput:
     """Run `schedule` for training. Call it under `jax.jit`.
 
-    stage_fn(stage_params, x[b, ...]) -> y with x's shape and dtype: one stage.
+    stage_fn(stage_params, x[b, ...]) -> y with x's shape and dtype: one stage. With has_aux
+    it returns (y, aux_loss, stats): aux_loss a scalar added to the loss (and differentiated),
+    stats a pytree of arrays only summed (e.g. expert counts).
     loss_fn(loss_params, y[b, ...], target) -> scalar: after the last stage, a mean over rows.
     rank_params: [P, L, ...] (`to_rank_layout`), sharded over `pipe`; param_specs: optional
     per-leaf PartitionSpec of a stage's parameter (without the [P, L] axes), e.g. for expert
     weights over `expert`. loss_params: replicated. xs: [M, b, ...] stage-0 inputs; targets:
     pytree of [M, b, ...]; both split over `batch_axes` on the row axis.
-
-    Returns (loss, rank_grads [P, L, ...], loss_grads, dxs [M, b, ...]) where loss is
-    mean_m loss_fn(...), averaged over batch shards, and dxs the loss's gradient with respect to
-    xs (so an embedding in front of the pipeline can be differentiated).
     """
     batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     _check_shapes(schedule, rank_params, xs)
     program = compile_schedule(schedule, training=True)
     param_specs, pspecs, batch = _specs(mesh, batch_axes, param_specs, rank_params)
     shards = _batch_shards(mesh, batch_axes)
-    ctx = _Ctx(stage_fn, loss_fn, program, 1.0 / (schedule.micro_batches * shards))
+    ctx = _Ctx(stage_fn, loss_fn, program, 1.0 / (schedule.micro_batches * shards), has_aux)
     table = jnp.asarray(program.table)
     spec_axes = jax.tree.map(lambda s: {a for e in s for a in ((e,) if isinstance(e, str) else (e or ()))},
                              param_specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
     def local(params, lp, xs, targets):
         params = _take(params, 0)                                       # [L, ...]
-        _check_stage(stage_fn, params, xs)
+        _check_stage(ctx, params, xs)
         rows = table[:, lax.axis_index(PIPE)]                          # [T, fields]
         stash = jnp.zeros((program.stash_slots + 1,) + xs.shape[1:], xs.dtype)
         mail = jnp.zeros((program.mail_slots + 1,) + xs.shape[1:], xs.dtype)
         dxs = jnp.zeros((xs.shape[0] + 1,) + xs.shape[1:], xs.dtype)
-        carry = (stash, mail, _zeros(params), _zeros(lp), jnp.float32(0), dxs)
+        one = jax.eval_shape(lambda p, x: _run_stage(ctx, p, x)[2], _take(params, 0), xs[0])
+        stats = jax.tree.map(lambda a: jnp.zeros((len(schedule.placement[0]),) + a.shape, a.dtype), one)
+        carry = (stash, mail, _zeros(params), _zeros(lp), jnp.float32(0), jnp.float32(0), stats, dxs)
         tick = lambda c, row: (_train_tick(ctx, params, lp, xs, targets, c, row), None)  # noqa: E731
-        _, _, grads, lgrads, loss, dxs = lax.scan(tick, carry, rows)[0]
+        _, _, grads, lgrads, loss, aux, stats, dxs = lax.scan(tick, carry, rows)[0]
         grads = _sum_duplicates(schedule, grads)
         grads = jax.tree.map(lambda g_, axes: lax.psum(g_, tuple(a for a in batch_axes if a not in axes))
                              if set(batch_axes) - axes else g_, grads, spec_axes)
+        stats = jax.tree.map(lambda a: lax.psum(a, batch_axes) if batch_axes else a,
+                             _sum_duplicates(schedule, stats))
         lgrads = jax.tree.map(lambda g_: lax.psum(g_, (PIPE,) + batch_axes), lgrads)
-        loss = lax.psum(loss, (PIPE,) + batch_axes) / shards
-        dxs = lax.psum(dxs[:-1], PIPE)
-        return loss, jax.tree.map(lambda g_: g_[None], grads), lgrads, dxs
+        loss, aux = (lax.psum(v, (PIPE,) + batch_axes) / shards for v in (loss, aux))
+        lead = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
+        return loss + aux, aux, lead(grads), lgrads, lax.psum(dxs[:-1], PIPE), lead(stats)
 
     lp_specs = jax.tree.map(lambda _: PartitionSpec(), loss_params)
     t_specs = jax.tree.map(lambda _: batch, targets)
     f = jax.shard_map(local, mesh=mesh, in_specs=(pspecs, lp_specs, batch, t_specs),
-                      out_specs=(PartitionSpec(), pspecs, lp_specs, batch), check_vma=False)
-    return f(rank_params, loss_params, xs, targets)
+                      out_specs=(PartitionSpec(), PartitionSpec(), pspecs, lp_specs, batch, PartitionSpec(PIPE)),
+                      check_vma=False)
+    return PipelineOutput(*f(rank_params, loss_params, xs, targets))
 
 
 def pipeline_forward(stage_fn: Callable, schedule: Schedule, mesh: Mesh, rank_params, xs: Float[Array, "M b ..."],
-                     *, batch_axes: tuple[str, ...] = ("data",), param_specs=None) -> Float[Array, "M b ..."]:
+                     *, batch_axes: tuple[str, ...] = ("data",), param_specs=None,
+                     has_aux: bool = False) -> Float[Array, "M b ..."]:
     """Inference: the schedule's forwards only (same placement and routes, no stash). Returns
     the last stage's outputs [M, b, ...], split over `batch_axes` like xs. Call under `jax.jit`."""
     batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     _check_shapes(schedule, rank_params, xs)
     program = compile_schedule(schedule, training=False)
     _, pspecs, batch = _specs(mesh, batch_axes, param_specs, rank_params)
-    ctx = _Ctx(stage_fn, None, program, 1.0)
+    ctx = _Ctx(stage_fn, None, program, 1.0, has_aux)
     table = jnp.asarray(program.table)
 
     def local(params, xs):
         params = _take(params, 0)
-        _check_stage(stage_fn, params, xs)
+        _check_stage(ctx, params, xs)
         rows = table[:, lax.axis_index(PIPE)]
         mail = jnp.zeros((program.mail_slots + 1,) + xs.shape[1:], xs.dtype)
         outs = jnp.zeros((xs.shape[0] + 1,) + xs.shape[1:], xs.dtype)
@@ -605,19 +650,36 @@ def memory_report(schedule: Schedule) -> PipelineMemory:
 
 
 def sequential_value_and_grad(stage_fn: Callable, loss_fn: Callable, stage_params, loss_params,
-                              xs: jax.Array, targets) -> tuple[Any, Any, Any, jax.Array]:
-    """The reference: each micro-batch through stages 0..S-1 in order, the mean of the
-    micro-batches' losses, one `jax.value_and_grad`. Returns (loss, stage_grads [S, ...],
-    loss_grads, dxs)."""
+                              xs: jax.Array, targets, has_aux: bool = False) -> PipelineOutput:
+    """The reference: each micro-batch through stages 0..S-1 in order, the mean over
+    micro-batches of its loss plus its stages' aux losses, one `jax.value_and_grad`. Returns a
+    PipelineOutput whose grads and stats are stage-stacked [S, ...] instead of rank layout."""
+    ctx = _Ctx(stage_fn, loss_fn, None, 1.0, has_aux)
+
+    def one(sp, lp, x, tgt):
+        y, aux, stats = _sequential(ctx, sp, x)
+        return loss_fn(lp, y, tgt).astype(jnp.float32) + aux, (aux, stats)
 
     def total(sp, lp, xs):
-        one = lambda x, tgt: loss_fn(lp, sequential_forward(stage_fn, sp, x), tgt).astype(jnp.float32)  # noqa: E731
-        return jnp.mean(jax.vmap(one)(xs, targets))
+        losses, (aux, stats) = jax.vmap(lambda x, t: one(sp, lp, x, t))(xs, targets)
+        return jnp.mean(losses), (jnp.mean(aux), jax.tree.map(lambda a: a.sum(0), stats))
 
-    loss, (g, lg, dxs) = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(stage_params, loss_params, xs)
-    return loss, g, lg, dxs
+    (loss, (aux, stats)), (g, lg, dxs) = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2), has_aux=True))(
+        stage_params, loss_params, xs)
+    return PipelineOutput(loss, aux, g, lg, dxs, stats)
 
 
-def sequential_forward(stage_fn: Callable, stage_params, x: jax.Array) -> jax.Array:
-    """x through stages 0..S-1 in order (a scan over the stage axis)."""
-    return lax.scan(lambda h, p: (stage_fn(p, h), None), x, stage_params)[0]
+def _sequential(ctx: _Ctx, stage_params, x):
+    """x through stages 0..S-1 (a scan over the stage axis): (y, summed aux loss, stats [S, ...])."""
+    def step(carry, p):
+        h, aux = carry
+        y, a, stats = _run_stage(ctx, p, h)
+        return (y, aux + a), stats
+
+    (y, aux), stats = lax.scan(step, (x, jnp.float32(0)), stage_params)
+    return y, aux, stats
+
+
+def sequential_forward(stage_fn: Callable, stage_params, x: jax.Array, has_aux: bool = False) -> jax.Array:
+    """x through stages 0..S-1 in order."""
+    return _sequential(_Ctx(stage_fn, None, None, 1.0, has_aux), stage_params, x)[0]

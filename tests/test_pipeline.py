@@ -63,8 +63,8 @@ def pipelined(schedule, mesh, stage_params, loss_params, xs, targets, batch_axes
     rank_params = jax.tree.map(lambda a: place(a, PartitionSpec("pipe")), pl.to_rank_layout(schedule, stage_params))
     run = jax.jit(lambda rp, lp, xs, ts: pl.pipeline_value_and_grad(stage_fn, loss_fn, schedule, mesh, rp, lp, xs, ts,
                                                                     batch_axes=batch_axes))
-    loss, rank_grads, loss_grads, dxs = run(rank_params, loss_params, xs, targets)
-    return loss, rank_grads, loss_grads, dxs, rank_params
+    out = run(rank_params, loss_params, xs, targets)
+    return out.loss, out.grads, out.loss_grads, out.input_grads, rank_params
 
 
 @pytest.mark.parametrize("kind,ranks", CASES)
@@ -73,7 +73,7 @@ def test_pipelined_equals_sequential(kind, ranks, report):
     mesh = make_mesh(data=-1, pipe=ranks, devices=jax.devices()[:ranks])
     sp, lp, xs, ts = problem(schedule)
     loss, rank_grads, loss_grads, dxs, _ = pipelined(schedule, mesh, sp, lp, xs, ts)
-    want_loss, want_g, want_lg, want_dxs = pl.sequential_value_and_grad(stage_fn, loss_fn, sp, lp, xs, ts)
+    want_loss, _, want_g, want_lg, want_dxs, _ = pl.sequential_value_and_grad(stage_fn, loss_fn, sp, lp, xs, ts)
     grads = pl.from_rank_layout(schedule, rank_grads)
     errs = [rel_err(loss, want_loss, "loss")]
     errs += [rel_err(grads[k], want_g[k], f"stage grad {k}") for k in ("w", "b")]
@@ -97,22 +97,37 @@ def test_inference_forward_equals_sequential(kind, ranks):
     assert pl.compile_schedule(schedule, training=False).stash_slots == 0, "inference keeps no activations"
 
 
+def aux_stage(p, x):
+    """stage_fn plus an aux loss (a penalty on the output, big enough to move every gradient)
+    and stats (per-feature sums of the output): the has_aux form."""
+    y = stage_fn(p, x)
+    return y, 5.0 * jnp.mean(y * y), {"sum": y.sum(0), "rows": jnp.int32(y.shape[0])}
+
+
 @pytest.mark.parametrize("kind", ["1f1b", "dualpipe"])      # zb1p, dualpipev: test_composes_with_expert_axis
 def test_composes_with_data_axis(kind):
-    """data=2 x pipe=2 (x expert=2): rows split over data (and expert), gradients summed over them."""
+    """data=2 x pipe=2 (x expert=2): rows split over data (and expert), gradients and stats summed
+    over them; stages with aux losses and stats (has_aux)."""
     schedule = make_schedule(kind, 2, micro_batches(kind, 2))
     mesh = make_mesh(data=2, pipe=2, expert=2)
     batch_axes = ("data", "expert") if kind == "dualpipe" else ("data",)
     sp, lp, xs, ts = problem(schedule, rows=8, seed=2)
-    loss, rank_grads, loss_grads, dxs, _ = pipelined(schedule, mesh, sp, lp, xs, ts, batch_axes)
-    want_loss, want_g, want_lg, want_dxs = pl.sequential_value_and_grad(stage_fn, loss_fn, sp, lp, xs, ts)
-    grads = pl.from_rank_layout(schedule, rank_grads)
-    rel_err(loss, want_loss, "loss")
+    run = jax.jit(lambda rp, lp, xs, ts: pl.pipeline_value_and_grad(aux_stage, loss_fn, schedule, mesh, rp, lp, xs, ts,
+                                                                    batch_axes=batch_axes, has_aux=True))
+    got = run(pl.to_rank_layout(schedule, sp), lp, xs, ts)
+    want = pl.sequential_value_and_grad(aux_stage, loss_fn, sp, lp, xs, ts, has_aux=True)
+    grads, stats = (pl.from_rank_layout(schedule, t) for t in (got.grads, got.stats))
+    rel_err(got.loss, want.loss, "loss")
+    rel_err(got.aux_loss, want.aux_loss, "aux loss")
+    assert float(got.aux_loss) > 0.1 * float(got.loss), "the aux loss must matter to the gradients"
     for k in ("w", "b"):
-        rel_err(grads[k], want_g[k], f"stage grad {k}")
-    rel_err(loss_grads["head"], want_lg["head"], "loss-head grad")
-    rel_err(dxs, want_dxs, "input grad")
-    assert dxs.sharding.spec[1] == (batch_axes if len(batch_axes) > 1 else batch_axes[0])
+        rel_err(grads[k], want.grads[k], f"stage grad {k}")
+    rel_err(got.loss_grads["head"], want.loss_grads["head"], "loss-head grad")
+    rel_err(got.input_grads, want.input_grads, "input grad")
+    rel_err(stats["sum"], want.stats["sum"], "stats")
+    np.testing.assert_array_equal(np.asarray(stats["rows"]), [xs.shape[0] * xs.shape[1]] * schedule.stages)
+    spec = got.input_grads.sharding.spec[1]
+    assert spec == (batch_axes if len(batch_axes) > 1 else batch_axes[0])
 
 
 E = 4                            # routed experts of the expert-parallel stage
@@ -155,9 +170,9 @@ def test_composes_with_expert_axis(kind):
     specs = {"router": PartitionSpec(), "experts": PartitionSpec("expert")}
     run = jax.jit(lambda rp, lp, xs, ts: pl.pipeline_value_and_grad(
         moe_stage, loss_fn, schedule, mesh, rp, lp, xs, ts, batch_axes=("data", "expert"), param_specs=specs))
-    loss, rank_grads, loss_grads, dxs = run(pl.to_rank_layout(schedule, sp), lp, xs, ts)
+    loss, _, rank_grads, loss_grads, dxs, _ = run(pl.to_rank_layout(schedule, sp), lp, xs, ts)
     assert rank_grads["experts"].sharding.spec == PartitionSpec("pipe", None, "expert")
-    want_loss, want_g, want_lg, want_dxs = pl.sequential_value_and_grad(moe_stage_dense, loss_fn, sp, lp, xs, ts)
+    want_loss, _, want_g, want_lg, want_dxs, _ = pl.sequential_value_and_grad(moe_stage_dense, loss_fn, sp, lp, xs, ts)
     grads = pl.from_rank_layout(schedule, rank_grads)
     rel_err(loss, want_loss, "loss")
     rel_err(grads["router"], want_g["router"], "router grad")
@@ -222,8 +237,9 @@ def random_transformer():
 def test_transformer_blocks_pipelined(kind, report):
     """The Transformer's 4 MoE blocks in 4 stages (DualPipeV on 2 ranks, ZB1P on 4), embedding
     in front of the pipeline (differentiated through the returned input gradient), final norm and
-    head as the loss's parameters: loss and every parameter's gradient equal
-    jax.value_and_grad of the model's own forward."""
+    head as the loss's parameters, each stage's sequence-wise balance loss as its aux loss and its
+    expert counts as its stats: loss (cross-entropy + balance), balance loss, expert counts and
+    every parameter's gradient equal jax.value_and_grad of the model's own forward."""
     ranks = 2 if kind == "dualpipev" else 4
     tiny = random_transformer()
     schedule = make_schedule(kind, ranks, 4)
@@ -237,7 +253,8 @@ def test_transformer_blocks_pipelined(kind, report):
 
     def blocks(sp, h):                                 # h [b, T, D]: one stage's layers
         stack = nnx.merge(gd, sp["params"], sp["rest"])
-        return run_stack(stack, h, lambda layer, h, _: _scan_step(layer, h, rope, mask, CFG), None, CFG)[0]
+        h, (counts, aux) = run_stack(stack, h, lambda layer, h, _: _scan_step(layer, h, rope, mask, CFG), None, CFG)
+        return h, aux.sum(), counts                   # counts [layers, E]
 
     def ce(lp, h, labels):
         logits = jnp.einsum("btd,dv->btv", nnx.merge(norm_gd, lp["norm"])(h), lp["head"]).astype(jnp.float32)
@@ -251,9 +268,11 @@ def test_transformer_blocks_pipelined(kind, report):
     @jax.jit
     def train_step(embed, stage_params, loss_params):
         xs, embed_vjp = jax.vjp(lambda e: jnp.take(e, inputs, axis=0), embed)       # [M, b, T, D]
-        loss, rank_grads, loss_grads, dxs = pl.pipeline_value_and_grad(
-            blocks, ce, schedule, mesh, pl.to_rank_layout(schedule, stage_params), loss_params, xs, labels)
-        return loss, embed_vjp(dxs)[0], pl.from_rank_layout(schedule, rank_grads), loss_grads
+        out = pl.pipeline_value_and_grad(blocks, ce, schedule, mesh, pl.to_rank_layout(schedule, stage_params),
+                                         loss_params, xs, labels, has_aux=True)
+        counts = pl.from_rank_layout(schedule, out.stats).reshape(-1, CFG.num_routed_experts)
+        return (out.loss, out.aux_loss, counts, embed_vjp(out.input_grads)[0],
+                pl.from_rank_layout(schedule, out.grads), out.loss_grads)
 
     model_gd, model_params, model_rest = nnx.split(tiny, nnx.Param, ...)
 
@@ -261,17 +280,22 @@ def test_transformer_blocks_pipelined(kind, report):
     def reference(model_params):
         def loss(params):
             full = nnx.merge(model_gd, params, model_rest)
-            logits = jax.vmap(lambda t: full.forward(t, with_mtp=False).logits)(inputs)
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
-        return jax.value_and_grad(loss)(model_params)
+            out = jax.vmap(lambda t: full.forward(t, with_mtp=False))(inputs)
+            ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out.logits), labels[..., None], -1))
+            return ce + out.balance_loss.mean(), (out.balance_loss.mean(), out.expert_counts.sum(0))
+        return jax.value_and_grad(loss, has_aux=True)(model_params)
 
-    loss, g_embed, g_stages, g_loss = train_step(embed, stage_params, loss_params)
-    want_loss, want = reference(model_params)
-    errs = [rel_err(loss, want_loss, "loss"), rel_err(g_embed, want["embed"][...], "embedding grad"),
+    loss, balance, counts, g_embed, g_stages, g_loss = train_step(embed, stage_params, loss_params)
+    (want_loss, (want_balance, want_counts)), want = reference(model_params)
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(want_counts))
+    assert int(counts.sum()) == M * 2 * T * CFG.num_experts_per_tok * CFG.num_layers
+    errs = [rel_err(loss, want_loss, "loss"), rel_err(balance, want_balance, "balance loss"),
+            rel_err(g_embed, want["embed"][...], "embedding grad"),
             rel_err(g_loss["head"], want["head"][...], "head grad"),
             rel_err(g_loss["norm"]["weight"][...], want["final_norm"]["weight"][...], "final norm grad")]
     w_layers = want["moe_layers"]
     got_layers = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), g_stages["params"])
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_layers), jax.tree.leaves(w_layers)):
         errs.append(rel_err(got, want, f"block grad {jax.tree_util.keystr(path)}"))
-    report(f"pipeline {kind} P={ranks}, 4 MoE blocks of the Transformer: max rel err loss/grads {max(errs):.1e}")
+    report(f"pipeline {kind} P={ranks}, 4 MoE blocks of the Transformer: max rel err loss/grads {max(errs):.1e}, "
+           f"balance loss {float(balance):.3e} (CE + balance = {float(loss):.4f}), expert counts equal")

@@ -35,6 +35,13 @@ Batch: inputs [M, b, ...] (M micro-batches, b rows) are split over `batch_axes` 
 over its rows, and averaged over the batch shards, so gradients are summed over batch shards
 (except over an axis a parameter is itself sharded on, e.g. expert weights over `expert`).
 
+Costs and limits: every B and every W recomputes its stage's forward (so a W costs a forward plus
+the weight-gradient work). Ticks are lock-step: a tick lasts as long as its slowest rank's
+action, and an F&B runs its two halves in one tick with no explicit overlap of one half's
+communication with the other's compute (XLA schedules them). Sends go to neighbouring ranks
+only, which every schedule in `schedules` satisfies. Every rank allocates the largest rank's
+stash and mailbox (SPMD shapes).
+
 Letters: P ranks, S stages, L stages per rank, M micro-batches, T ticks, b rows per micro-batch.
 """
 

@@ -13,9 +13,10 @@ matmuls (`jax.lax.ragged_dot`), so no token is ever dropped and no capacity is s
 
 Redundant experts (EPLB, sharding/eplb.py): a layer may hold its routed-expert weights as P >= E
 physical slots (replicas are copies of their logical expert) together with `ExpertSlots`
-(phy2log [P], log2phy [E, C], logcnt [E]). Routing stays logical; each chosen expert is then
-mapped to one of its replicas, and the replicas' gradients are tied (summed per logical
-expert and handed to every replica), so replicas stay copies under any element-wise optimizer.
+(phy2log [P], log2phy [E, P-E+1] padded with -1, logcnt [E]). Routing stays logical; each
+chosen expert is then mapped to one of its replicas, and the replicas' gradients are tied
+(summed per logical expert and handed to every replica), so replicas stay copies under any
+element-wise optimizer.
 """
 
 from __future__ import annotations

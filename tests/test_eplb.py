@@ -235,9 +235,9 @@ def test_optimizer_state_follows_its_expert():
         assert rel_err(_moments(opt_b)[path], a) < 1e-5, path
 
 
-TRAIN = ["--batch", "8", "--seq-len", "16", "--log-every", "1", "--ckpt-every", "2", "--mesh", "data=2,expert=4",
-         "--set", "model.num_layers=2", "--set", "model.d_model=32", "--set", "model.moe_ffn_dim=16",
-         "--set", "model.dense_ffn_dim=32", "--set", "model.mtp_depth=0"]
+TRAIN = ["--batch", "8", "--seq-len", "32", "--log-every", "1", "--ckpt-every", "2", "--mesh", "data=2,expert=4",
+         "--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.moe_ffn_dim=32",
+         "--set", "model.mtp_depth=0"]           # test_entrypoints' model (shared compiles), without MTP
 
 
 def test_train_rebalances_every_n_steps_and_resumes(tmp_path, capsys):

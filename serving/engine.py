@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -201,8 +200,7 @@ class Engine:
             p = seq.params
             temperature[i], top_k[i], top_p[i], seeds[i] = p.temperature, p.top_k, p.top_p, p.seed
             counters[i] = len(seq.generated)
-        batch = Batch(*(jnp.asarray(a) for a in (tokens, positions, valid, table, lengths)))
-        return batch, tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, counters))
+        return Batch(tokens, positions, valid, table, lengths), (temperature, top_k, top_p, seeds, counters)
 
     def _append(self, seq: Sequence, token: int) -> list[Completion]:
         now = time.perf_counter()

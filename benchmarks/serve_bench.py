@@ -1,0 +1,103 @@
+"""The serving engine vs Hugging Face transformers `generate` on CPU: output tokens/s, same weights.
+
+For each batch size, the same random prompts go through serving.Engine (paged latent cache,
+continuous batching, greedy) and through transformers' DeepseekV3ForCausalLM.generate (greedy,
+its dynamic KV cache), both in float32, in one process. Each side runs once to warm up (our
+step functions compile there) and is then timed; the median of `--repeat` timed runs counts.
+transformers runs with 1 torch thread and with one per core, and its faster setting counts
+(on a loaded machine torch's spinning OpenMP threads can be 10x slower than one thread).
+Ratios > 1 mean orcinus is faster.
+
+    python -m benchmarks.serve_bench [--batches 1 16] [--prompt 32] [--new 64] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+import model
+from benchmarks.report import publish, table
+from serving import Engine, EngineConfig, SamplingParams
+
+
+def _median(fn, repeat: int):
+    result = fn()                                                   # warm-up (compilation)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--price-per-hour", type=float, default=2.0)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    cfg = model.ModelConfig.preset("tiny", mtp_depth=0, max_seq_len=512)    # transformers runs no MTP
+    ours = model.Transformer(cfg, rngs=nnx.Rngs(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_hf_checkpoint(ours, tmp)
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, cfg.vocab_size, (max(args.batches), args.prompt)).astype(np.int32)
+    params = SamplingParams(max_tokens=args.new)
+    rows, last_stats = [], None
+    for b in args.batches:
+        config = EngineConfig(max_running=b, num_blocks=b * -(-(args.prompt + args.new) // 64))
+        engines = []
+
+        def run_ours(b=b, config=config, engines=engines):
+            engines.append(Engine(ours, config))
+            return engines[-1].run([(list(r), params) for r in prompts[:b]])
+
+        def run_theirs(b=b):
+            ids = torch.as_tensor(prompts[:b], dtype=torch.long)
+            with torch.no_grad():
+                out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                      min_new_tokens=args.new, do_sample=False)
+            return out[:, args.prompt:].numpy()
+
+        t_ours, done = _median(run_ours, args.repeat)
+        timed = {}
+        for threads in sorted({1, os.cpu_count()}):
+            torch.set_num_threads(threads)
+            timed[threads] = _median(run_theirs, args.repeat)
+        threads = min(timed, key=lambda k: timed[k][0])
+        t_theirs, theirs_ids = timed[threads]
+        agree = float(np.mean(np.array([c.token_ids for c in done]) == theirs_ids))
+        stats = engines[-1].stats.summary(args.price_per_hour)
+        tokens = b * args.new
+        rows.append([b, f"{b} x ({args.prompt}+{args.new})", tokens / t_ours, tokens / t_theirs, threads,
+                     t_theirs / t_ours,
+                     1e3 * stats["ttft_p50_s"], 1e3 * stats["tpot_p50_s"], f"{agree:.0%}"])
+        last_stats = stats
+    body = (f"`tiny` preset ({model.param_count(ours):,} parameters, no MTP), float32, same weights, greedy; "
+            f"transformers {transformers.__version__}, torch {torch.__version__}. "
+            "orcinus: serving.Engine (paged latent cache, continuous batching, default EngineConfig but "
+            "max_running = batch); transformers: `generate` with its KV cache. Timed after one warm-up run "
+            f"(compilation excluded), median of {args.repeat}; transformers at its faster torch thread count.\n\n"
+            + table(["batch", "shape", "orcinus tok/s", "transformers tok/s", "torch threads",
+                     "orcinus / transformers",
+                     "orcinus TTFT p50 ms", "orcinus TPOT p50 ms", "greedy tokens identical"], rows)
+            + f"\n\nCost at ${args.price_per_hour:.2f}/accelerator-hour (this CPU as the accelerator, batch "
+            f"{args.batches[-1]}): ${last_stats['usd_per_m_input_tokens']:.3f} per M input tokens, "
+            f"${last_stats['usd_per_m_output_tokens']:.3f} per M output tokens.")
+    publish("Serving engine vs transformers generate on CPU", body, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

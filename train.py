@@ -234,6 +234,47 @@ def _eplb_step(balancer: sharding.eplb.Balancer, step: int, counts) -> None:
               f"(mean over {len(rep['imbalance_before'])} expert layers, last {len(balancer.stats)} steps)", flush=True)
 
 
+class MetricsLog:
+    """The run's metrics: JSONL (OUT.jsonl), TensorBoard events (OUT-tb/, tensorboardX) and a
+    progress bar (tqdm, on a terminal). Only process 0 writes; the others' calls do nothing."""
+
+    def __init__(self, out: Path, start: int, steps: int):
+        self.main = jax.process_index() == 0
+        self.jsonl = open(str(out) + ".jsonl", "a") if self.main else None
+        if self.main:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(out) + "-tb")
+        from tqdm import tqdm
+        self.bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True,
+                        disable=None if self.main else True)        # None: only on a terminal
+
+    def advance(self):
+        self.bar.update(1)
+
+    def write(self, record: dict):
+        if not self.main:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+        self.tb.flush()
+        self.bar.set_postfix(loss=f"{record['main']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def print(self, text: str):
+        if self.main:
+            self.bar.write(text)
+            sys.stdout.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.main and self.jsonl is not None:
+            self.jsonl.close()
+            self.tb.close()
+            self.jsonl = None
+
+
 def _plots(records: list[dict], loads: np.ndarray | None, out: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -287,7 +328,7 @@ def main(argv=None):
         print(f"resumed from step {start} ({ckpt.directory})")
     print(f"model: {args.preset}, {model.param_count(m):,} parameters, mesh {dict(mesh.shape)}, "
           f"precision {args.precision}; corpus {corpus_dir} ({corpus.num_tokens:,} tokens)")
-    log = open(str(out) + ".jsonl", "a")
+    log = MetricsLog(out, start, args.steps)
     records, peak, fpt = [], _device_peak(), flops_per_token(cfg, args.seq_len)
     window_tokens, window_start, loads, step = 0, time.perf_counter(), None, start
     try:
@@ -297,6 +338,7 @@ def main(argv=None):
                     jax.profiler.start_trace(str(out) + "-profile")
                 batch = {k: sharding.shard_batch(v, mesh) for k, v in next(loader).items()}
                 metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma, args.z_loss)
+                log.advance()
                 if balancer is not None:
                     _eplb_step(balancer, step, metrics["load"])
                 window_tokens += args.batch * args.seq_len
@@ -316,16 +358,16 @@ def main(argv=None):
                 record = dict(step=step, lr=float(schedule(step)), tokens_per_s=tps,
                               mfu=(tps * fpt / (peak * jax.device_count())) if peak else None, **metrics)
                 records.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                log.write(record)
                 mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
-                print(f"step {step:5d}  loss {metrics['main']:.3f}  mtp {metrics['mtp']:.3f}  "
+                log.print(f"step {step:5d}  loss {metrics['main']:.3f}  mtp {metrics['mtp']:.3f}  "
                       f"|g| {metrics['grad_norm']:.2f}  lr {record['lr']:.2e}  load max/mean "
-                      f"{metrics['imbalance']:.2f}  {tps:.0f} tok/s{mfu}", flush=True)
+                      f"{metrics['imbalance']:.2f}  {tps:.0f} tok/s{mfu}")
                 window_tokens, window_start = 0, time.perf_counter()
                 if step % args.ckpt_every == 0:
                     ckpt.save(step, m, opt, loader)
     except KeyboardInterrupt:
+        log.close()
         ckpt.wait()
         if ckpt.latest_step() != step and step > start:
             ckpt.save(step, m, opt, loader, force=True)
@@ -333,6 +375,7 @@ def main(argv=None):
         print(f"\ninterrupted at step {step}: checkpoint saved in {ckpt.directory}; rerun to resume")
         sys.exit(130)
     except FloatingPointError as err:
+        log.close()
         ckpt.close()
         raise SystemExit(f"{err}; stopping. The last good checkpoint is step {ckpt.latest_step()} in "
                          f"{ckpt.directory}; rerun with a lower --lr, or --on-nan skip") from None
@@ -340,6 +383,7 @@ def main(argv=None):
         ckpt.save(args.steps, m, opt, loader, force=True)
     ckpt.close()
     loader.close()
+    log.close()
     if balancer is not None:
         sharding.eplb.apply_placement(m, None, None)             # back to E logical experts for export
     if jax.process_index() == 0:

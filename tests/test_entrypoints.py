@@ -19,6 +19,23 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
+def _tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar tag across the run's TensorBoard event files (TFRecord framing:
+    u64 length, u32 crc, payload, u32 crc; the payload an Event proto)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    found = []
+    for path in sorted(log_dir.iterdir()):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            found += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+    return sorted(found)
+
+
 def test_train_resume_then_serve(tmp_path, corpus):
     out = tmp_path / "tiny"
     train.main(["--steps", "4", "--out", str(out), "--data", corpus, *SMALL])
@@ -30,6 +47,8 @@ def test_train_resume_then_serve(tmp_path, corpus):
     train.main(["--steps", "6", "--out", str(out), "--data", corpus, *SMALL])        # resumes at step 4
     records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 4, 5, 6]
+    assert _tensorboard_scalars(tmp_path / "tiny-tb", "train/main") == [
+        (r["step"], pytest.approx(r["main"], rel=1e-6)) for r in records]
     serve.main(["--checkpoint", str(out), "--max-tokens", "5", "--output", str(tmp_path / "o.jsonl")])
     *rows, stats = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(rows) == len(serve.PROMPTS) and all(r["tokens"] == 5 for r in rows)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -37,6 +38,7 @@ class EngineConfig:
     min_token_bucket: int = 16       # smallest prefill chunk bucket
     min_batch_bucket: int = 1        # raise these to compile fewer shapes (e.g. tests)
     min_block_bucket: int = 1
+    decode_steps: int = 8            # decode iterations a call when nothing waits (multi-step); 1 = off
     bake_params: bool | None = None  # parameters as compile-time constants; None: on CPU for models <= 64 MiB
 
 
@@ -60,21 +62,45 @@ _STEPS: dict = {}
 BAKE_LIMIT_BYTES = 64 << 20
 
 
-def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, bake: bool):
-    """The jitted step for one model and cache: (leaves, kv, batch, sampling) -> (tokens, logits, kv).
+def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, bake: bool, steps: int = 1):
+    """The jitted step for one model and cache: (leaves, kv, batch, sampling) -> (tokens, logits, kv),
+    tokens [steps, B] and logits [steps, B, V].
 
-    Cached here, so the graphdef is hashed once per engine, not per call. bake=True closes over
-    the parameters, making them compile-time constants: XLA:CPU then lays out and slices the
-    stacked weights once at compile time instead of copying them every step (3-6x faster decode
-    for the tiny model on CPU); such a step is specific to these parameter arrays.
+    steps > 1 (decode only) runs that many decode iterations in one call, each feeding back the
+    token it sampled (multi-step scheduling: one dispatch and one host round trip per `steps`
+    tokens). Cached here, so the graphdef is hashed once per engine, not per call. bake=True
+    closes over the parameters, making them compile-time constants: XLA:CPU then lays out and
+    slices the stacked weights once at compile time instead of copying them every step (3-6x
+    faster decode for the tiny model on CPU); such a step is specific to these parameter arrays.
     """
-    key = (graphdef, treedef, spec, absorbed, tuple(map(id, leaves)) if bake else None)
+    key = (graphdef, treedef, spec, absorbed, steps, tuple(map(id, leaves)) if bake else None)
     if key not in _STEPS:
         def step(leaves, kv, batch: Batch, sampling):
             TRACES[0] += 1
             m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            logits, kv = forward_paged(m, kv, batch, absorbed=absorbed, spec=spec)
-            return sample(logits, *sampling), logits, kv
+            temperature, top_k, top_p, seeds, counters = sampling
+
+            def one(i, kv, tokens):
+                live = batch.valid[:, 0]
+                b = Batch(tokens, batch.positions + i, batch.valid, batch.table,
+                          jnp.where(live, batch.lengths + i, 0))
+                logits, kv = forward_paged(m, kv, b, absorbed=absorbed, spec=spec)
+                return sample(logits, temperature, top_k, top_p, seeds, counters + i), logits, kv
+
+            if steps == 1:
+                tokens, logits, kv = one(0, kv, batch.tokens)
+                return tokens[None], logits[None], kv
+
+            def body(i, carry):
+                kv, tokens, out, out_logits = carry
+                nxt, logits, kv = one(i, kv, tokens)
+                return kv, nxt[:, None], out.at[i].set(nxt), out_logits.at[i].set(logits)
+
+            B = batch.tokens.shape[0]
+            init = (kv, batch.tokens, jnp.zeros((steps, B), jnp.int32),
+                    jnp.zeros((steps, B, m.cfg.vocab_size), jnp.float32))
+            kv, _, tokens, logits = jax.lax.fori_loop(0, steps, body, init)
+            return tokens, logits, kv
 
         if bake:
             fn = jax.jit(lambda _, kv, batch, sampling: step(leaves, kv, batch, sampling), donate_argnums=1)
@@ -100,6 +126,9 @@ class Engine:
             size = sum(x.size * x.dtype.itemsize for x in self.leaves)
             bake = jax.default_backend() == "cpu" and size <= BAKE_LIMIT_BYTES
         self._steps = {a: _step_fn(graphdef, treedef, self.leaves, self.spec, a, bake) for a in (False, True)}
+        if config.decode_steps > 1:
+            self._steps["multi"] = _step_fn(graphdef, treedef, self.leaves, self.spec, True, bake,
+                                            config.decode_steps)
         self.kv = paged.init_cache(self.spec)
         self.scheduler = Scheduler(config.num_blocks, config.max_running, config.chunk_tokens)
         self.detokenize = detokenize
@@ -150,10 +179,15 @@ class Engine:
                     finished += self._append(seq, tok)
         if plan.decode:
             rows = [(seq, seq.cached, 1) for seq in plan.decode]
-            tokens = self._run(rows, absorbed=True)
-            for seq, tok in zip(plan.decode, tokens):
-                seq.cached += 1
-                finished += self._append(seq, tok)
+            multi = not plan.prefill and self._multi_step_fits(plan.decode)
+            tokens = self._run(rows, absorbed="multi" if multi else True)
+            for seq, toks in zip(plan.decode, tokens):
+                for tok in toks:
+                    seq.cached += 1
+                    done = self._append(seq, tok)
+                    finished += done
+                    if done:
+                        break
         self.stats.step(time.perf_counter(), self.scheduler.allocator.num_used, len(plan.preempted))
         return finished
 
@@ -168,16 +202,30 @@ class Engine:
                 progress(len(done), self.stats.generated_tokens)
         return [done[r] for r in rids]
 
-    def _run(self, rows: list[tuple[Sequence, int, int]], absorbed: bool) -> list[int]:
+    def _multi_step_fits(self, decode: list[Sequence]) -> bool:
+        """Whether K decode iterations in one call can run: nothing waits to be admitted and every
+        row has K tokens left to generate and room for them (blocks are reserved here)."""
+        K = self.config.decode_steps
+        if K <= 1 or self.scheduler.waiting:
+            return False
+        if any(s.params.max_tokens - len(s.generated) < K or len(s.tokens) + K > self.cfg.max_seq_len
+               for s in decode):
+            return False
+        return all(self.scheduler.reserve(s, K) for s in decode)
+
+    def _run(self, rows: list[tuple[Sequence, int, int]], absorbed) -> list:
+        """Prefill rows -> one token each; decode rows -> a list of tokens each ([1] or [K])."""
         batch, sampling = self._pack(rows)
         tokens, logits, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling)
-        tokens = np.asarray(tokens)
+        tokens = np.asarray(tokens)                                               # [steps, B]
         if self.keep_logits:
             logits = np.asarray(logits)
             for i, (seq, start, n) in enumerate(rows):
                 if start + n == len(seq.tokens):
-                    self.logits.setdefault(seq.rid, []).append(logits[i])
-        return [int(t) for t in tokens[:len(rows)]]
+                    self.logits.setdefault(seq.rid, []).extend(logits[:, i])
+        if absorbed is False:
+            return [int(t) for t in tokens[0, :len(rows)]]
+        return [[int(t) for t in tokens[:, i]] for i in range(len(rows))]
 
     def _pack(self, rows: list[tuple[Sequence, int, int]]):
         B = bucket(len(rows), self.config.min_batch_bucket)
@@ -234,6 +282,8 @@ class Engine:
         ttft = seq.first_token_at - seq.arrival
         tpot = (seq.finished_at - seq.first_token_at) / (n - 1) if n > 1 else None
         self.stats.finish(ttft, tpot, seq.preemptions)
+        if seq.rid in self.logits:                     # a multi-step call may run past a stop
+            del self.logits[seq.rid][n:]
         return Completion(seq.rid, len(seq.prompt), seq.generated, seq.text, seq.finish_reason, ttft, tpot,
                           seq.preemptions)
 

@@ -120,6 +120,10 @@ class Scheduler:
                 return False
         return True
 
+    def reserve(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for `tokens` more tokens of a running sequence (multi-step decode); False if short."""
+        return self._fit(seq, tokens) == tokens
+
     def _fit(self, seq: Sequence, want: int) -> int:
         """Allocate blocks for up to `want` more tokens of seq; returns how many fit."""
         room = len(seq.blocks) * PAGE - seq.cached + self.allocator.num_free * PAGE

@@ -19,7 +19,8 @@ from typing import Any
 
 # Modules whose import registers entries (each kernel issue adds its module here).
 ENTRY_MODULES: list[str] = ["benchmarks.entries_deep_gemm", "benchmarks.entries_flash_mla",
-                             "benchmarks.entries_fp8_quant", "benchmarks.entries_train_step"]
+                             "benchmarks.entries_fp8_quant", "benchmarks.entries_train_step",
+                             "benchmarks.entries_mla_attention"]
 
 
 @dataclasses.dataclass(frozen=True)

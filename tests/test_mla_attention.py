@@ -37,10 +37,13 @@ class Case:
 
 CASES = [
     Case("v3_dims_causal", seq=128, heads=1, d_qk=192, d_v=128, causal=True, segments=None),
-    Case("segments_noncausal", seq=256, heads=1, d_qk=128, d_v=64, causal=False,
-         segments=(50, 170)),
-    Case("segments_causal_skip", seq=256, heads=2, d_qk=64, d_v=64, causal=True,
-         segments=(150,)),
+    Case("segments_noncausal", seq=128, heads=1, d_qk=128, d_v=64, causal=False,
+         segments=(40, 90)),
+    # Two CTAs of 128 rows: the second query CTA's segment starts at 128, so the forward and dQ
+    # skip kv tiles 0-1, and dK/dV of keys 0..127 skip q tiles 2-3; the boundary at 100 is
+    # masked inside a tile.
+    Case("segments_causal_skip", seq=256, heads=1, d_qk=64, d_v=64, causal=True,
+         segments=(100, 128)),
 ]
 
 

@@ -169,7 +169,7 @@ def _store_chunks(tiles, smem, gmem, b, t0, h):
                                 gmem.at[b, pl.ds(t0, ROWS), h, pl.ds(c * CHUNK, CHUNK)])
 
 
-def _stream(st, steps, slots, fetch, consumed_bars):
+def _stream(steps, slots, fetch, consumed_bars):
     """Producer side of a ring: fetch(i, slot) for i < steps, refilling a slot once released.
 
     Every phase of every consumed barrier is observed (refill, then drain), so the ring is
@@ -233,7 +233,7 @@ def _fwd_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, seg_gmem, o_
                     plgpu.copy_gmem_to_smem(v_gmem.at[b, rows, h], v_smem.at[slot],
                                             v_bars.at[slot])
 
-            _stream(st, steps, slots, fetch, [k_consumed, v_consumed])
+            _stream(steps, slots, fetch, [k_consumed, v_consumed])
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -371,7 +371,7 @@ def _dq_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, do_gmem, lse_
                     plgpu.copy_gmem_to_smem(seg_gmem.at[b, rows], kseg_smem.at[slot],
                                             kseg_bars.at[slot])
 
-            _stream(st, hi - lo, slots, fetch, [consumed])
+            _stream(hi - lo, slots, fetch, [consumed])
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
@@ -498,7 +498,7 @@ def _dkv_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, do_gmem, lse
                     plgpu.copy_gmem_to_smem(seg_gmem.at[b, rows], qseg_ring.at[slot],
                                             qseg_bars.at[slot])
 
-            _stream(st, hi - lo, slots, fetch, [consumed])
+            _stream(hi - lo, slots, fetch, [consumed])
 
         @pl.when(wg < CONSUMERS)
         def _consumer():

@@ -153,14 +153,17 @@ def main(argv=None):
     args = parse_args(argv)
     m, tok = load(args.checkpoint, args.dtype)
     requests = read_requests(args.input)
-    records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,
-                           progress=not args.no_progress)
+    try:
+        records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,
+                               progress=not args.no_progress)
+    except ValueError as e:               # an engine setting this model cannot take (e.g. fp8 cache shape)
+        raise SystemExit(f"serve.py: {e}") from e
     for r in records:
         if "error" in r:
             print(f"--- request {r['id']}: error: {r['error']}")
         else:
             print(f"--- {r['prompt']!r}\n{r['prompt']}{r['completion']}")
-    print(format_summary(stats))
+    print(format_summary(stats) + "\n(wall time and TTFT include compiling the step functions)")
     if args.output:
         with open(args.output, "w") as sink:
             for r in records:

@@ -52,6 +52,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         model.save_hf_checkpoint(ours, tmp)
         theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    load = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (max(args.batches), args.prompt)).astype(np.int32)
     params = SamplingParams(max_tokens=args.new)
@@ -89,7 +90,8 @@ def main(argv=None):
             f"transformers {transformers.__version__}, torch {torch.__version__}. "
             "orcinus: serving.Engine (paged latent cache, continuous batching, default EngineConfig but "
             "max_running = batch); transformers: `generate` with its KV cache. Timed after one warm-up run "
-            f"(compilation excluded), median of {args.repeat}; transformers at its faster torch thread count.\n\n"
+            f"(compilation excluded), median of {args.repeat}; transformers at its faster torch thread count. "
+            f"1-minute load average at the start: {load:.2f} on {os.cpu_count()} cores.\n\n"
             + table(["batch", "shape", "orcinus tok/s", "transformers tok/s", "torch threads",
                      "orcinus / transformers",
                      "orcinus TTFT p50 ms", "orcinus TPOT p50 ms", "greedy tokens identical"], rows)

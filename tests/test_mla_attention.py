@@ -144,9 +144,10 @@ def test_kernels_interpreted_vs_float64(case, report):
            + ", ".join(f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)))
 
 
-@pytest.mark.parametrize("case", CASES[1:], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES[2:], ids=lambda c: c.name)
 def test_reference_float32_and_its_autodiff(case):
-    """The CPU path (implementation 'xla') against float64: forward and gradients."""
+    """The CPU path (implementation 'xla') in float32 against float64: forward and gradients.
+    (The float64 reference itself is checked against a numpy loop in every interpreted case.)"""
     (q, k, v, do), seg = make_inputs(case, batch=2, dtype=jnp.float32)
     out_gt, grads_gt = float64_truth(q, k, v, do, seg, case.causal)
     fn = functools.partial(ma.mla_attention, causal=case.causal, segment_ids=seg)
@@ -255,18 +256,28 @@ def test_bad_options_raise():
 
 
 def test_benchmark_entries_dry_run():
+    """Baselines and FLOP counts of every entry on its dry inputs. The kernels' dry cases run
+    interpreted in tests/test_gpu_suite.py (the suite's --dry-run over every entry)."""
     from benchmarks import entries_mla_attention
     from benchmarks.registry import ENTRY_MODULES, _ENTRIES
 
     assert "benchmarks.entries_mla_attention" in ENTRY_MODULES
     mine = [e for e in _ENTRIES.values() if e.name.startswith("mla_attention")]
-    assert len(mine) == len(entries_mla_attention.ENTRIES) >= 2
+    assert len(mine) == len(entries_mla_attention.ENTRIES) == 3
     for entry in mine:
         args = entry.make_inputs(True)
         assert entry.flops(*args) > 0 and entry.bytes(*args) > 0
-        kernel = jax.jit(lambda *a, e=entry: e.kernel(*a, interpret=True))   # as gpu_suite does
         want = entry.reference(*args)
-        err = entry.error(run_with_watchdog(lambda: kernel(*args)), want)
-        assert err < entry.tolerance, (entry.name, err)
         for name, baseline in entry.baselines.items():
             assert entry.error(baseline(*args), want) < entry.tolerance, (entry.name, name)
+
+
+def test_flop_counts():
+    """Causal pairs: T (T + 1) / 2 per head, or the sum over documents with segment ids."""
+    from benchmarks import entries_mla_attention as em
+
+    q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    v = jnp.zeros((1, 8, 2, 32), jnp.bfloat16)
+    assert em._flops(False, q, q, v) == 2 * 2 * 36 * (64 + 32)
+    seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], jnp.int32)
+    assert em._flops(True, q, q, v, v, seg) == 2 * 2 * (6 + 15) * (4 * 64 + 3 * 32)

@@ -63,7 +63,8 @@ def reference(net, prompts):
 @pytest.mark.parametrize("num_blocks, max_running", [(64, 4), (4, 4)], ids=["ample", "preempting"])
 def test_engine_greedy_equals_full_recompute(net, prompts, reference, num_blocks, max_running):
     before = engine_mod.TRACES[0]
-    cfg = EngineConfig(num_blocks=num_blocks, **{**SMALL, "max_running": max_running})
+    steps = SMALL["decode_steps"] if num_blocks > 4 else 1      # multi-step decode in one run (compile less)
+    cfg = EngineConfig(num_blocks=num_blocks, **{**SMALL, "max_running": max_running, "decode_steps": steps})
     engine = Engine(net, cfg, keep_logits=True)
     done = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts])
     assert [c.token_ids for c in done] == [ref for ref, _ in reference]
@@ -176,20 +177,29 @@ def test_paged_cache_roundtrip_and_flash_mla(dtype, tol):
     rng = np.random.default_rng(1)
     ckv = jnp.asarray(rng.normal(size=(2, 100, 512)), jnp.float32)
     krope = jnp.asarray(rng.normal(size=(2, 100, 64)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, 1, 8, 576)), jnp.float32)
     table = jnp.asarray([[4, 1], [0, 5]], jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(100), (2, 100))
-    slots = jnp.take_along_axis(table, positions // PAGE, 1) * PAGE + positions % PAGE
-    kv = paged.write(paged.init_cache(spec), 1, ckv, krope, slots.at[1, 90:].set(-1), spec)
-    got_c, got_r = paged.gather(kv, 1, table, spec, jnp.float32)
+    lengths = jnp.asarray([100, 90], jnp.int32)
+
+    @jax.jit
+    def paged_roundtrip(ckv, krope, q):
+        positions = jnp.broadcast_to(jnp.arange(100), (2, 100))
+        slots = jnp.take_along_axis(table, positions // PAGE, 1) * PAGE + positions % PAGE
+        kv = paged.write(paged.init_cache(spec), 1, ckv, krope, slots.at[1, 90:].set(-1), spec)
+        got_c, got_r = paged.gather(kv, 1, table, spec, jnp.float32)
+        return got_c, got_r, paged_attention(q, kv, paged.layer_table(table, 1, spec), lengths, 0.05, spec)
+
+    @jax.jit
+    def unpaged(ckv, krope, q):
+        dense = jnp.concatenate([ckv, krope], -1)[:, None, :, None]      # [B, 1 page of 100, Hkv, D]
+        return jnp.stack([flash_mla.flash_mla_reference(q[i:i + 1], dense[i], jnp.zeros((1, 1), jnp.int32),
+                                                        lengths[i:i + 1], softmax_scale=0.05)[0][0]
+                          for i in range(2)])
+
+    got_c, got_r, out = paged_roundtrip(ckv, krope, q)
     assert rel_err(got_c[0, :100], ckv[0]) < tol and rel_err(got_r[1, :90], krope[1, :90]) < tol
     assert float(jnp.abs(got_c[1, 90:]).max()) == 0                 # dropped slots stay empty
-    lengths = jnp.asarray([100, 90], jnp.int32)
-    q = jnp.asarray(rng.normal(size=(2, 1, 8, 576)), jnp.float32)
-    out = paged_attention(q, kv, paged.layer_table(table, 1, spec), lengths, 0.05, spec)
-    dense = jnp.concatenate([ckv, krope], -1)[:, None, :, None]      # [B, 1 page of 100, Hkv, D]
-    want = jnp.stack([flash_mla.flash_mla_reference(q[i:i + 1], dense[i], jnp.zeros((1, 1), jnp.int32),
-                                                    lengths[i:i + 1], softmax_scale=0.05)[0][0] for i in range(2)])
-    assert rel_err(out, want) < tol
+    assert rel_err(out, unpaged(ckv, krope, q)) < tol
 
 
 def test_cache_spec_rejects():
@@ -216,3 +226,19 @@ def test_serve_bad_lines_fail_alone(net, tmp_path):
     assert "max_seq_len" in records[3]["error"] and "temperature" in records[4]["error"]
     assert records[0]["tokens"] == 3 and records[5]["tokens"] <= 4 and "\n" not in records[5]["completion"]
     assert stats["requests"] == 2 and stats["finished"] == 2 and stats["usd_per_m_output_tokens"] > 0
+
+
+def test_engine_v3_latent_shapes_fp8_cache():
+    """A model with V3's latent widths (512 + 64), so decode takes FlashMLA's own path
+    (`mla_decode`: the kernel on a GPU, its reference here) over the FP8 paged cache."""
+    cfg = model.ModelConfig.preset("tiny", num_layers=1, kv_lora_rank=512, qk_rope_head_dim=64, d_model=64,
+                                   mtp_depth=0, max_seq_len=128)
+    net = model.Transformer(cfg, rngs=nnx.Rngs(1))
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 20)]
+    engine = Engine(net, EngineConfig(num_blocks=4, cache_dtype="fp8", decode_steps=1), keep_logits=True)
+    engine.run([(prompt, SamplingParams(max_tokens=3))])
+    tokens = prompt + engine.sequences[0].generated
+    want = np.asarray(net(jnp.asarray([tokens[:-1]]))[0, len(prompt) - 1:])         # [3, V]
+    errs = [rel_err(a, b) for a, b in zip(engine.logits[0], want)]
+    assert engine.kv.dtype == jnp.uint8 and engine.kv.shape[-1] == flash_mla.FP8_TOKEN_BYTES
+    assert len(errs) == 3 and max(errs) < 5e-2, errs          # e4m3 latents: ~2e-2 measured

@@ -94,6 +94,9 @@ def parse_args(argv=None):
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp8"])
     a("--remat", default="none", choices=["none", "full", "dots"])
     a("--mesh", default="", help="e.g. data=2,expert=4 (default: data over all devices)")
+    a("--pipeline-schedule", default="none", choices=["none", *sharding.schedules.KINDS],
+      help="pipeline the MoE blocks over the mesh's pipe axis (needs --mesh pipe=P, P > 1)")
+    a("--micro-batches", type=int, default=0, metavar="M", help="pipeline micro-batches (default 2 x pipe)")
     a("--eplb-every", type=int, default=0, metavar="N",
       help="EPLB: every N steps, re-place experts by the last N steps' loads (0: off; needs --mesh expert>1)")
     a("--eplb-redundant", type=int, default=0, metavar="R", help="EPLB: redundant expert slots (replicas)")
@@ -114,11 +117,16 @@ def parse_args(argv=None):
     for name in ("steps", "batch", "seq_len", "log_every", "ckpt_every"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.micro_batches < 0:
+        p.error(f"--micro-batches must be positive, got {args.micro_batches}")
     if not 0 <= args.constant < 1 or not 0 <= args.min_lr_ratio <= 1:
         p.error("--constant must be in [0, 1) and --min-lr-ratio in [0, 1]")
     try:
         args.mesh_sizes = _parse_mesh(args.mesh)
         args.cfg = config_from_args(args)
+        args.micro_batches = args.micro_batches or 2 * args.mesh_sizes.get("pipe", 1)
+        args.pipe_schedule = sharding.pipeline_train.check_config(
+            args.cfg, args.mesh_sizes, args.pipeline_schedule, args.micro_batches)
     except ValueError as err:
         p.error(str(err))
     if args.eplb_every or args.eplb_redundant:
@@ -164,11 +172,16 @@ def loss_fn(m: model.Transformer, batch: dict, mtp_weight: float, z_loss: float 
     return main + mtp_weight * mtp + out.balance_loss + z, (main, mtp, out.expert_counts)
 
 
-@nnx.jit(static_argnames=("mtp_weight", "gamma", "z_loss"))
-def train_step(m, opt, batch, mtp_weight: float, gamma: float, z_loss: float = 0.0):
+@nnx.jit(static_argnames=("mtp_weight", "gamma", "z_loss", "pipeline"))
+def train_step(m, opt, batch, mtp_weight: float, gamma: float, z_loss: float = 0.0,
+               pipeline: sharding.pipeline_train.PipelinePlan | None = None):
+    """One optimizer step; with `pipeline` the loss and gradients come from the pipeline executor."""
     if not isinstance(batch, dict):
         batch = batch_from_tokens(batch)
-    (loss, (main, mtp, counts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, batch, mtp_weight, z_loss)
+    if pipeline is None:
+        (loss, (main, mtp, counts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, batch, mtp_weight, z_loss)
+    else:
+        (loss, (main, mtp, counts)), grads = sharding.pipeline_train.value_and_grad(m, batch, pipeline, z_loss)
     opt.update(m, grads)
     # aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded ones
     load = counts.astype(jnp.float32)
@@ -304,6 +317,12 @@ def main(argv=None):
     if args.batch % (mesh.shape["data"] * mesh.shape["expert"]):
         raise SystemExit(f"--batch {args.batch} must divide over data x expert = "
                          f"{mesh.shape['data'] * mesh.shape['expert']} devices")
+    plan = None
+    if args.pipe_schedule is not None:
+        if args.batch % (args.micro_batches * mesh.shape["data"]):
+            raise SystemExit(f"--batch {args.batch} must divide into --micro-batches {args.micro_batches} "
+                             f"x data = {mesh.shape['data']} devices")
+        plan = sharding.pipeline_train.PipelinePlan(args.pipe_schedule, mesh)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     corpus_dir = Path(args.data) if args.data else out.parent / "data" / "embedded"
@@ -337,7 +356,7 @@ def main(argv=None):
                 if args.profile and step == 3:
                     jax.profiler.start_trace(str(out) + "-profile")
                 batch = {k: sharding.shard_batch(v, mesh) for k, v in next(loader).items()}
-                metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma, args.z_loss)
+                metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma, args.z_loss, plan)
                 log.advance()
                 if balancer is not None:
                     _eplb_step(balancer, step, metrics["load"])

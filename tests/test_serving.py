@@ -242,3 +242,34 @@ def test_engine_v3_latent_shapes_fp8_cache():
     errs = [rel_err(a, b) for a, b in zip(engine.logits[0], want)]
     assert engine.kv.dtype == jnp.uint8 and engine.kv.shape[-1] == flash_mla.FP8_TOKEN_BYTES
     assert len(errs) == 3 and max(errs) < 5e-2, errs          # e4m3 latents: ~2e-2 measured
+
+
+def test_stop_strings_and_tokens(net, prompts):
+    tok = ByteTokenizer()
+    cfg = EngineConfig(num_blocks=64, **SMALL)
+    prompt = [tok.bos_id] + list(b"def main(")
+    free = Engine(net, cfg, detokenize=tok.decode).run([(prompt, SamplingParams(max_tokens=NEW))])[0]
+    ids = free.token_ids
+    stop = tok.decode(ids)[1:2]                                          # a character after the first
+    k = next(k for k in range(1, NEW + 1) if stop in tok.decode(ids[:k]))  # the token that completes it
+    done = Engine(net, cfg, detokenize=tok.decode).run([
+        (prompt, SamplingParams(max_tokens=NEW, stop=(stop,))),
+        (prompt, SamplingParams(max_tokens=NEW, stop_token_ids=(ids[2],)))])
+    text = tok.decode(ids[:k])
+    assert done[0].text == text[:text.index(stop)] and done[0].token_ids == ids[:k]
+    assert done[0].finish_reason == "stop"
+    assert done[1].token_ids == ids[:ids.index(ids[2]) + 1] and done[1].finish_reason == "stop"
+    assert free.finish_reason == "length" and len(ids) == NEW
+
+
+def test_hf_tokenizer_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<bos>": 0, "<eos>": 1, "hello": 2, "world": 3, "[UNK]": 4}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens(["<bos>", "<eos>"])
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(bos_token_id=0, eos_token_id=[1])))
+    tok = serve.HFTokenizer(tmp_path)
+    assert tok.encode("hello world") == [0, 2, 3] and tok.eos_ids == (1,)
+    assert tok.decode([0, 2, 3, 1]) == "hello world"

@@ -51,13 +51,15 @@ class SamplingParams:
         unknown = sorted(set(fields) - set(FIELDS))
         if unknown:
             raise ValueError(f"unknown sampling field(s) {unknown}; known: {list(FIELDS)}")
-        given = dict(fields)
-        for name in ("stop", "stop_token_ids"):
-            if name in given:
-                value = given[name]
-                given[name] = (value,) if isinstance(value, str | int) else tuple(value) \
-                    if isinstance(value, list | tuple) else value
+        given = {k: _as_tuple(v) if k in ("stop", "stop_token_ids") else v for k, v in fields.items()}
         return dataclasses.replace(defaults or cls(), **given)
+
+
+def _as_tuple(value):
+    """A JSON stop field: one value or a list of them (anything else is left for validation)."""
+    if isinstance(value, str | int):
+        return (value,)
+    return tuple(value) if isinstance(value, list | tuple) else value
 
 
 def _number(x) -> bool:

@@ -5,6 +5,8 @@ clipping at 1.0, the MTP loss, the sequence-wise balance loss, optional z-loss, 
 bias update (gamma) on expert loads. Data comes packed from the Grain pipeline (storage/); Orbax
 checkpoints hold model, optimizer, data-iterator state and config, and a run resumes from the latest
 one automatically. The final model is also exported in the Hugging Face layout for serve.py.
+With --mesh pipe=P and --pipeline-schedule, the MoE blocks run through the pipeline executor
+(sharding.pipeline_train).
 """
 
 from __future__ import annotations

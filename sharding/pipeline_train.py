@@ -158,9 +158,9 @@ def value_and_grad(m: Transformer, batch: dict, plan: PipelinePlan, z_loss: floa
     S, M = sched.stages, sched.micro_batches
     shards = mesh.shape["data"]
     B = batch["tokens"].shape[0]
-    if cfg.mtp_depth or cfg.num_moe_layers % S or B % (M * shards):
+    if cfg.mtp_depth or cfg.num_moe_layers % S or B % (M * shards) or mesh.shape["expert"] * mesh.shape["tensor"] > 1:
         raise ValueError(f"pipeline step: needs mtp_depth=0, {cfg.num_moe_layers} MoE layers divisible by {S} "
-                         f"stages and batch {B} divisible by {M} micro-batches x data={shards}")
+                         f"stages, batch {B} divisible by {M} micro-batches x data={shards}, expert = tensor = 1")
     with jax.named_scope("pipeline/front"):
         h, front_vjp = _front(m, batch)
     side = [encode_ints(batch[k], h.dtype) for k in ("positions", "segment_ids")]

@@ -41,6 +41,7 @@ class Case:
     causal: bool
     segments: tuple[int, ...] | None    # start position of every segment after the first
     block_kv: int = 64
+    slots: int = 2             # SMEM ring depth, forward and backward
 
 
 CASES = [
@@ -49,9 +50,9 @@ CASES = [
          segments=(40, 90)),
     # Two CTAs of 128 rows: the second query CTA's segment starts at 128, so the forward and dQ
     # skip kv tiles 0-1, and dK/dV of keys 0..127 skip q tiles 2-3; the boundary at 100 is
-    # masked inside a tile.
+    # masked inside a tile. One ring slot: every step after the first refills it.
     Case("segments_causal_skip", seq=256, heads=1, d_qk=64, d_v=64, causal=True,
-         segments=(100, 128)),
+         segments=(100, 128), slots=1),
 ]
 
 
@@ -126,7 +127,7 @@ def run_with_watchdog(fn):
 
 
 def kernel_fn(case, seg):
-    config = ma.TuningConfig(block_kv=case.block_kv)
+    config = ma.TuningConfig(block_kv=case.block_kv, num_slots=case.slots, bwd_slots=case.slots)
     return functools.partial(ma.mla_attention, causal=case.causal, segment_ids=seg,
                              interpret=True, config=config)
 
@@ -227,7 +228,7 @@ def test_v3_shapes_lower_for_cuda(segments):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_test_cases_lower_for_cuda(case):
     (q, k, v, _), seg = make_inputs(case)
-    config = ma.TuningConfig(block_kv=case.block_kv)
+    config = ma.TuningConfig(block_kv=case.block_kv, num_slots=case.slots, bwd_slots=case.slots)
     loss = lambda q, k, v: ma.mla_attention(q, k, v, causal=case.causal, segment_ids=seg,
                                             implementation="pallas", config=config).sum()
     assert _lower(jax.grad(loss, argnums=(0, 1, 2)), q, k, v).count("mosaic_gpu") >= 3

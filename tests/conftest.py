@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs the Mosaic GPU interpreter's host callbacks on its intra-op pool of NPROC threads
+# (default: the core count). Each simulated warpgroup blocked in a barrier wait holds a pool
+# thread, so on 2 cores a kernel's third warpgroup (the TMA producer) can starve: interpreted
+# kernels hung about 1 run in 4, none in 10 with NPROC=8. Read when jax creates its CPU client.
+os.environ.setdefault("NPROC", "8")
 
 import jax  # noqa: E402
 

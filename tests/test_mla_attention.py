@@ -7,7 +7,6 @@ autodiff, cross-checked against an independent numpy loop for the forward.
 
 import dataclasses
 import functools
-import os
 import threading
 
 import jax
@@ -17,12 +16,7 @@ import pytest
 
 from pallas_kernels import mla_attention as ma
 
-# XLA:CPU runs the interpreter's host callbacks on its intra-op thread pool, NPROC threads
-# (default: the core count). Each simulated warpgroup blocked in a barrier wait holds one pool
-# thread, so on a 2-core machine the third warpgroup (here the TMA producer) can starve: seen
-# as hangs in about 1 run in 4 at block_kv=128, none in 10 with NPROC=8. Read when jax creates
-# its CPU client (the first computation), i.e. after pytest has collected this module.
-os.environ.setdefault("NPROC", "8")
+# Interpreted kernels need more XLA:CPU pool threads than simulated warpgroups: conftest.py sets NPROC.
 
 # Relative L2 error bounds, per input dtype. bf16 kernels round q, k, v, P, dS and the outputs
 # to bf16 (8 bits of mantissa, unit roundoff 2^-9 = 2e-3): a few roundoffs over whole tensors.

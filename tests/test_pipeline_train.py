@@ -153,3 +153,11 @@ def test_bad_pipeline_flags_fail_before_work(flags, words, capsys):
     with pytest.raises(SystemExit):
         train.main(flags)
     assert words in capsys.readouterr().err
+
+
+def test_batch_must_split_into_micro_batches(tmp_path):
+    flags = ["--mesh", "pipe=2", "--pipeline-schedule", "1f1b", "--micro-batches", "3", "--set", "model.num_layers=3",
+             "--set", "model.mtp_depth=0", "--out", str(tmp_path / "never")]
+    with pytest.raises(SystemExit, match="must divide into --micro-batches 3 x data = 4"):
+        train.main(flags)
+    assert not list(tmp_path.iterdir()), "nothing is written before the check"

@@ -211,7 +211,11 @@ def test_benchmark_entries_dry_run():
     from benchmarks.registry import _ENTRIES
 
     mine = [e for e in _ENTRIES.values() if e.name.startswith("flash_mla")]
-    assert len(mine) == len(entries_flash_mla.ENTRIES) == 8
+    assert len(mine) == len(entries_flash_mla.ENTRIES)
+    # FlashMLA's benchmark shapes, each beside the XLA reference; then the FP8 cache and tuning sweeps
+    shapes = {e.name for e in mine if e.baselines and "fp8" not in e.name}
+    assert shapes == {f"flash_mla b=128 s_k={s_k} h_q=128 s_q={s_q}"
+                      for s_k in (4096, 8192, 16384, 32768) for s_q in (1, 2)}
     checked = set()
     for entry in mine:
         args = entry.make_inputs(True)

@@ -25,6 +25,17 @@ def report():
     return _REPORT.append
 
 
+def pytest_sessionfinish(session):
+    """Under pytest-xdist: a worker hands its report lines to the controller."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["orcinus_report"] = list(_REPORT)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _REPORT.extend(getattr(node, "workeroutput", {}).get("orcinus_report", []))
+
+
 def pytest_terminal_summary(terminalreporter):
     if _REPORT:
         terminalreporter.section("orcinus measurements")

@@ -38,6 +38,17 @@ def _median_time(fn, repeat: int) -> float:
     return float(np.median(times))
 
 
+def tiny_pair():
+    """The `tiny` preset without MTP (transformers runs none), float32, and its transformers
+    DeepseekV3 twin holding the same weights: (cfg, ours, theirs)."""
+    cfg = model.ModelConfig.preset("tiny", mtp_depth=0, max_seq_len=512)
+    ours = model.Transformer(cfg, rngs=nnx.Rngs(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_hf_checkpoint(ours, tmp)
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32)
+    return cfg, ours, theirs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=8)
@@ -49,11 +60,7 @@ def main(argv=None):
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
-    cfg = model.ModelConfig.preset("tiny", mtp_depth=0, max_seq_len=512)     # transformers runs no MTP
-    ours = model.Transformer(cfg, rngs=nnx.Rngs(0))
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_hf_checkpoint(ours, tmp)
-        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32)
+    cfg, ours, theirs = tiny_pair()
     rng = np.random.default_rng(0)
     batch = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 import transformers
-from flax import nnx
 
 import model
+from benchmarks.hf_compare import tiny_pair
 from benchmarks.report import publish, table
 from serving import Engine, EngineConfig, SamplingParams
 
@@ -47,11 +46,8 @@ def main(argv=None):
     p.add_argument("--price-per-hour", type=float, default=2.0)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    cfg = model.ModelConfig.preset("tiny", mtp_depth=0, max_seq_len=512)    # transformers runs no MTP
-    ours = model.Transformer(cfg, rngs=nnx.Rngs(0))
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_hf_checkpoint(ours, tmp)
-        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    cfg, ours, theirs = tiny_pair()
+    theirs.eval()
     load = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (max(args.batches), args.prompt)).astype(np.int32)

@@ -77,10 +77,16 @@ def attend_naive(p: MLA, q_nope, q_rope, ckv, k_rope, mask: Mask, cfg: ModelConf
         # in the compute dtype. The absorbed (inference) form folds these into q and out instead.
         k_nope = project(ckv, cast(p.w_uk, cfg), fp8=cfg.fp8)                        # [B,S,H,K]
         v = project(ckv, cast(p.w_uv, cfg), fp8=cfg.fp8)                             # [B,S,H,V]
-        scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope)
-                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope)) * cfg.softmax_scale
+        # One QK^T over [nope | rope] (the shared roped key broadcast to every head) in head-major
+        # layout: XLA:CPU runs it about 2x faster than two [B,T,H,*] einsums summed (fwd + bwd),
+        # and it is the (q, k, v) form of FlashAttention-style kernels (192 / 192 / 128 in V3).
+        H, R = q_rope.shape[2], q_rope.shape[3]
+        q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)          # [B,H,T,K+R]
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_rope.shape[:2], H, R))
+        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1).transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * cfg.softmax_scale
         probs = _softmax(scores, mask).astype(v.dtype)
-        out = jnp.einsum("bhts,bshv->bthv", probs, v)
+        out = jnp.einsum("bhts,bhsv->bhtv", probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     with jax.named_scope("mla/o_proj"):
         return project(out, cast(p.wo, cfg), contract=2, fp8=cfg.fp8)               # [B,T,D]
 

@@ -116,14 +116,14 @@ def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights:
     experts[n, j] in [0, G) picks one of the G experts of w_* ([G, D, F], [G, D, F], [G, F, D]);
     -1 marks an empty slot (expert parallelism: that expert lives on another rank). Grouped GEMMs
     (`ragged_experts`) on accelerators. XLA:CPU has none, so there the cheaper (by rows of work,
-    known from static shapes) of `tiled_experts` and `dense_experts` runs.
+    known from static shapes) of `looped_experts` and `dense_experts` runs.
     """
     if jax.default_backend() != "cpu":
         return ragged_experts(x, experts, weights, w_gate, w_up, w_down)
     N, k = experts.shape
     G, tile = w_gate.shape[0], 32
     tiled_rows = (-(-N * k // tile) + G) * tile
-    impl = dense_experts if N * G <= tiled_rows else tiled_experts
+    impl = dense_experts if N * G <= tiled_rows else looped_experts
     return impl(x, experts, weights, w_gate, w_up, w_down)
 
 
@@ -165,41 +165,108 @@ def dense_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: F
         return jnp.einsum("ngf,gfd->nd", h, w_down)
 
 
-def tiled_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
-                  w_gate, w_up, w_down, tile: int = 32) -> Float[Array, "N D"]:
-    """Grouped GEMM from batched tile matmuls: each expert's token copies are padded to whole tiles.
+def looped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                   w_gate, w_up, w_down, tile: int = 32) -> Float[Array, "N D"]:
+    """Grouped GEMM as a loop: token copies sorted by expert, each expert's rows in tiles of `tile`.
 
-    XLA:CPU has no grouped GEMM (its `ragged_dot` computes every group for every row). Here each
-    tile of `tile` rows belongs to one expert, so a batched matmul against the tiles' gathered
-    weights does the routed work plus at most one partial tile per expert. Static shapes, dropless.
+    XLA:CPU has no grouped GEMM (its `ragged_dot` computes every group for every row). Here a loop
+    over experts runs a dynamic number of tiles each, reading the expert's weights in place, so the
+    work is the routed rows plus at most one partial tile per expert, and nothing of weight size is
+    gathered or materialised per tile. The backward pass (`_expert_loop` custom_vjp) is the same loop
+    accumulating each expert's weight gradient in a carry. Static shapes, dropless.
     """
     N, k = experts.shape
-    G, D = w_gate.shape[0], x.shape[1]
-    num_tiles = -(-N * k // tile) + G                                       # >= sum_e ceil(size_e / tile)
-    rows = num_tiles * tile
+    G = w_gate.shape[0]
     with jax.named_scope("moe/permute"):
-        flat = jnp.where(experts < 0, G, experts).reshape(-1)              # [N*k], empty slots -> G
-        sizes = jnp.bincount(flat, length=G + 1)[:G]
-        padded = -(-sizes // tile) * tile
-        padded_start = jnp.cumsum(padded) - padded
+        flat = jnp.where(experts < 0, G, experts).reshape(-1)              # empty slots sort last, unrun
         order = jnp.argsort(flat, stable=True)
-        expert = flat[order]
-        valid = expert < G
-        expert_c = jnp.minimum(expert, G - 1)
-        rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[expert_c]    # position inside its expert
-        dest = jnp.where(valid, padded_start[expert_c] + rank, rows)
+        sizes = jnp.bincount(flat, length=G + 1)[:G].astype(jnp.int32)
+        starts = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
         token = order // k
-        xs = jnp.zeros((rows, D), x.dtype).at[dest].set(x[token], mode="drop").reshape(num_tiles, tile, D)
-        tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_tiles) * tile,
-                                                   side="right"), G - 1)
+        xs = jnp.concatenate([x[token], jnp.zeros((tile, x.shape[1]), x.dtype)])   # a tile of slack
     with jax.named_scope("moe/experts"):
-        h = (jax.nn.silu(jnp.einsum("tbd,tdf->tbf", xs, w_gate[tile_expert]))
-             * jnp.einsum("tbd,tdf->tbf", xs, w_up[tile_expert]))
-        ys = jnp.einsum("tbf,tfd->tbd", h, w_down[tile_expert]).reshape(rows, D)
+        ys = _expert_loop(xs, starts, sizes, w_gate, w_up, w_down, tile)[:N * k]
     with jax.named_scope("moe/unpermute"):
-        slot_weight = jnp.where(valid, jnp.where(experts < 0, 0, weights).reshape(-1)[order], 0)
-        ys = jnp.take(ys, dest, axis=0, mode="fill", fill_value=0) * slot_weight[:, None].astype(ys.dtype)
-        return jnp.zeros_like(x).at[token].add(ys)
+        slot_weight = jnp.where(experts < 0, 0, weights).reshape(-1)[order]
+        return jnp.zeros_like(x).at[token].add(ys * slot_weight[:, None].astype(ys.dtype))
+
+
+def _silu_grad(a):
+    s = jax.nn.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def _tile_rows(start, size, j: Array, tile: int) -> tuple[Array, Array]:
+    """Offset of tile j of an expert's rows and the mask of the rows that are its own."""
+    return start + j * tile, (jnp.arange(tile) < size - j * tile)[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _expert_loop(xs, starts, sizes, w_gate, w_up, w_down, tile: int):
+    """ys[r] = SwiGLU_e(xs[r]) for the rows r of each expert e ([starts[e], starts[e] + sizes[e])).
+
+    Experts run in order; a tile's rows past its expert are written as 0 and rewritten by the next
+    expert, so every row ends with its own expert's output (rows past the last expert stay 0).
+    Gate and up run as one [D, 2F] matmul; the backward pass reuses the forward's pre-activations.
+    """
+    return _expert_loop_fwd(xs, starts, sizes, w_gate, w_up, w_down, tile)[0]
+
+
+def _expert_loop_fwd(xs, starts, sizes, w_gate, w_up, w_down, tile):
+    F = w_gate.shape[2]
+    w_gu = jnp.concatenate([w_gate, w_up], axis=2)                                  # [G, D, 2F]
+
+    def expert(e, carry):
+        wgu, wd = w_gu[e], w_down[e]
+
+        def body(j, carry):
+            ys, pre = carry
+            off, mine = _tile_rows(starts[e], sizes[e], j, tile)
+            xt = jax.lax.dynamic_slice_in_dim(xs, off, tile)
+            gu = xt @ wgu                                                            # [tile, 2F]
+            yt = (jax.nn.silu(gu[:, :F]) * gu[:, F:]) @ wd
+            return (jax.lax.dynamic_update_slice_in_dim(ys, jnp.where(mine, yt, 0).astype(ys.dtype), off, 0),
+                    jax.lax.dynamic_update_slice_in_dim(pre, gu.astype(pre.dtype), off, 0))
+        return jax.lax.fori_loop(0, (sizes[e] + tile - 1) // tile, body, carry)
+
+    init = (jnp.zeros((xs.shape[0], w_down.shape[2]), xs.dtype), jnp.zeros((xs.shape[0], 2 * F), xs.dtype))
+    ys, pre = jax.lax.fori_loop(0, w_gate.shape[0], expert, init)
+    return ys, (xs, starts, sizes, w_gu, w_down, pre)
+
+
+def _expert_loop_bwd(tile, res, dys):
+    xs, starts, sizes, w_gu, w_down, pre = res
+    F = w_down.shape[1]
+    acc = jnp.promote_types(w_gu.dtype, jnp.float32)
+
+    def expert(e, carry):
+        dxs, d_gu, d_down = carry
+        wgu, wd = w_gu[e], w_down[e]
+
+        def body(j, c):
+            dxs, ggu, gd = c
+            off, mine = _tile_rows(starts[e], sizes[e], j, tile)
+            xt = jax.lax.dynamic_slice_in_dim(xs, off, tile)
+            dyt = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dys, off, tile), 0)   # others' rows: no grad
+            gu = jax.lax.dynamic_slice_in_dim(pre, off, tile)
+            a, b = gu[:, :F], gu[:, F:]
+            s = jax.nn.silu(a)
+            gd = gd + jnp.dot((s * b).T, dyt, preferred_element_type=acc)
+            dh = dyt @ wd.T
+            dgu = jnp.concatenate([dh * b * _silu_grad(a), dh * s], axis=1).astype(xt.dtype)
+            ggu = ggu + jnp.dot(xt.T, dgu, preferred_element_type=acc)
+            return jax.lax.dynamic_update_slice_in_dim(dxs, (dgu @ wgu.T).astype(dxs.dtype), off, 0), ggu, gd
+
+        zeros = (jnp.zeros(w_gu.shape[1:], acc), jnp.zeros(w_down.shape[1:], acc))
+        dxs, ggu, gd = jax.lax.fori_loop(0, (sizes[e] + tile - 1) // tile, body, (dxs, *zeros))
+        return dxs, d_gu.at[e].set(ggu.astype(d_gu.dtype)), d_down.at[e].set(gd.astype(d_down.dtype))
+
+    init = (jnp.zeros_like(xs), jnp.zeros_like(w_gu), jnp.zeros_like(w_down))
+    dxs, d_gu, d_down = jax.lax.fori_loop(0, w_gu.shape[0], expert, init)
+    return dxs, None, None, d_gu[:, :, :F], d_gu[:, :, F:], d_down
+
+
+_expert_loop.defvjp(_expert_loop_fwd, _expert_loop_bwd)
 
 
 # ---- redundant experts (physical slots) -------------------------------------------------------------

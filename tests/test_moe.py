@@ -131,19 +131,20 @@ def test_moe_gradients_flow_to_experts_and_router():
     assert "bias" not in grads                          # the routing bias is not a gradient-trained param
 
 
-def test_ragged_and_tiled_expert_paths_agree():
-    """The accelerator path (sort + ragged_dot) and both CPU paths (tiled, dense) agree."""
-    from model.moe import dense_experts, ragged_experts, tiled_experts
+def test_ragged_and_looped_expert_paths_agree():
+    """The accelerator path (sort + ragged_dot) and both CPU paths (looped, dense) agree, with gradients
+    (the looped path's backward is its own custom_vjp)."""
+    from model.moe import dense_experts, looped_experts, ragged_experts
     cfg = CONFIGS["v3"].replace(d_model=32, moe_ffn_dim=16)
     layer = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (40, cfg.d_model))
     r = route(jnp.einsum("nd,de->ne", x, layer.router[...]), None, cfg)
     experts = r.experts.at[::3, 1].set(-1)                               # empty slots (EP) too
     args = (x, experts, r.weights, layer.w_gate[...], layer.w_up[...], layer.w_down[...])
-    ragged, tiled = ragged_experts(*args), tiled_experts(*args, tile=8)
-    np.testing.assert_allclose(ragged, tiled, rtol=1e-5, atol=1e-6)
-    g_r = jax.grad(lambda *a: jnp.sum(ragged_experts(*a) ** 2), argnums=(0, 2, 3))(*args)
-    g_d = jax.grad(lambda *a: jnp.sum(tiled_experts(*a, tile=8) ** 2), argnums=(0, 2, 3))(*args)
-    for a, b in zip(g_r, g_d):
+    ragged, looped = ragged_experts(*args), looped_experts(*args, tile=8)
+    np.testing.assert_allclose(ragged, looped, rtol=1e-5, atol=1e-6)
+    g_r = jax.grad(lambda *a: jnp.sum(ragged_experts(*a) ** 2), argnums=(0, 2, 3, 4, 5))(*args)
+    g_l = jax.grad(lambda *a: jnp.sum(looped_experts(*a, tile=8) ** 2), argnums=(0, 2, 3, 4, 5))(*args)
+    for a, b in zip(g_r, g_l):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(dense_experts(*args), ragged, rtol=1e-5, atol=1e-6)

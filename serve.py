@@ -6,11 +6,17 @@ decode. --input takes one prompt per line, or JSONL (a .jsonl file) with a "prom
 the sampling fields max_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids (and an
 optional "id"). A bad line (malformed JSON, empty or over-long prompt, invalid field) gets an
 error record in the output; the others complete. The last output line holds the statistics.
+
+--eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
+end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),
+prints the per-layer GPU max/mean load before and after, adds it to the statistics, and saves
+DIR/eplb.png (expert load per layer, GPU load per layer before and after).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,6 +26,7 @@ from tqdm import tqdm
 
 import model
 from serving import Engine, EngineConfig, SamplingParams, format_summary
+from sharding import eplb
 from storage.corpus import ByteTokenizer
 
 PROMPTS = ["import os\n", "def main(", "class Path", "    return "]
@@ -44,7 +51,15 @@ def parse_args(argv=None):
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--price-per-hour", type=float, default=2.0, help="$ per accelerator-hour for the cost line")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eplb-report", metavar="DIR", help="write the EPLB report of the served expert loads and "
+                   "DIR/eplb.png (a heatmap of expert and GPU load per layer)")
+    p.add_argument("--eplb-gpus", type=int, default=8, metavar="G", help="EPLB: simulated GPUs to place experts on")
+    p.add_argument("--eplb-redundant", type=int, default=0, metavar="R", help="EPLB: redundant expert slots")
     args = p.parse_args(argv)
+    if args.eplb_gpus <= 0 or args.eplb_redundant < 0:
+        p.error(f"--eplb-gpus must be positive (got {args.eplb_gpus}) and --eplb-redundant >= 0 "
+                f"(got {args.eplb_redundant})")
+    args.eplb = EPLBReport(Path(args.eplb_report), args.eplb_gpus, args.eplb_redundant) if args.eplb_report else None
     try:
         args.defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
@@ -54,6 +69,46 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class EPLBReport:
+    """--eplb-report: after serving, rebalance the collected expert loads over num_gpus GPUs."""
+
+    directory: Path
+    num_gpus: int = 8
+    redundant: int = 0
+
+    def check(self, cfg: model.ModelConfig) -> None:
+        """ValueError, before any work, when this model's experts cannot be placed so."""
+        E, G = cfg.num_routed_experts, self.num_gpus
+        if cfg.num_moe_layers == 0:
+            raise ValueError("--eplb-report: the model has no MoE layers, so no expert loads to balance")
+        if E % G:
+            raise ValueError(f"--eplb-gpus {G}: the {E} experts do not divide over {G} GPUs")
+        if (E + self.redundant) % G:
+            raise ValueError(f"--eplb-redundant {self.redundant}: {E} experts + {self.redundant} redundant = "
+                             f"{E + self.redundant} slots do not divide over --eplb-gpus {G}")
+
+    def write(self, engine: Engine) -> dict:
+        """Rebalance the engine's experts by its load window, save the heatmap; the report's numbers."""
+        load = engine.expert_load.load()
+        rep = engine.rebalance(self.num_gpus, self.redundant)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        png = eplb.save_heatmap(load, engine.placement(self.num_gpus), self.directory / "eplb.png")
+        return dict(num_gpus=self.num_gpus, redundant=self.redundant, steps=len(engine.expert_load),
+                    tokens=float(load[0].sum()) / engine.cfg.num_experts_per_tok,      # each layer sees them all
+                    mean_before=rep["mean_before"], mean_after=rep["mean_after"],
+                    imbalance_before=rep["imbalance_before"].tolist(),
+                    imbalance_after=rep["imbalance_after"].tolist(), heatmap=str(png))
+
+
+def format_eplb(rep: dict) -> str:
+    return (f"EPLB over {rep['num_gpus']} GPUs (+{rep['redundant']} redundant experts), loads of "
+            f"{rep['tokens']:.0f} tokens in {rep['steps']} engine steps:\n"
+            + eplb.format_report({k: rep[k] for k in ("imbalance_before", "imbalance_after", "mean_before",
+                                                      "mean_after")})
+            + f"\nheatmap: {rep['heatmap']}")
 
 
 class HFTokenizer:
@@ -109,8 +164,12 @@ def read_requests(path: str | None) -> list[dict]:
 
 
 def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingParams, config: EngineConfig,
-          *, price_per_hour: float = 2.0, progress: bool = True) -> tuple[list[dict], dict]:
-    """Run the requests; returns one record per request (input order) and the statistics."""
+          *, price_per_hour: float = 2.0, progress: bool = True,
+          eplb_report: EPLBReport | None = None) -> tuple[list[dict], dict]:
+    """Run the requests; returns one record per request (input order) and the statistics (with
+    the EPLB report under "eplb" when asked for)."""
+    if eplb_report is not None:
+        eplb_report.check(m.cfg)
     engine = Engine(m, config, detokenize=tok.decode)
     records: list[dict] = [{} for _ in requests]
     rids = {}
@@ -138,7 +197,10 @@ def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingPar
         bar.set_postfix_str(f"{engine.stats.generated_tokens / (time.perf_counter() - start):.1f} tok/s",
                             refresh=False)
     bar.close()
-    return records, engine.stats.summary(price_per_hour)
+    stats = engine.stats.summary(price_per_hour)
+    if eplb_report is not None:
+        stats["eplb"] = eplb_report.write(engine)
+    return records, stats
 
 
 def generate(m: model.Transformer, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int,
@@ -155,7 +217,7 @@ def main(argv=None):
     requests = read_requests(args.input)
     try:
         records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, eplb_report=args.eplb)
     except ValueError as e:               # an engine setting this model cannot take (e.g. fp8 cache shape)
         raise SystemExit(f"serve.py: {e}") from e
     for r in records:
@@ -164,6 +226,8 @@ def main(argv=None):
         else:
             print(f"--- {r['prompt']!r}\n{r['prompt']}{r['completion']}")
     print(format_summary(stats) + "\n(wall time and TTFT include compiling the step functions)")
+    if "eplb" in stats:
+        print(format_eplb(stats["eplb"]))
     if args.output:
         with open(args.output, "w") as sink:
             for r in records:

@@ -240,13 +240,18 @@ def _export_atomically(m: model.Transformer, out: Path):
     tmp.rename(out)
 
 
-def _eplb_step(balancer: sharding.eplb.Balancer, step: int, counts) -> None:
-    """Feed one step's expert counts to EPLB; when a rebalance is due, it moves weights and Adam moments."""
+def _eplb_step(balancer: sharding.eplb.Balancer, step: int, counts) -> dict | None:
+    """Feed one step's expert counts to EPLB; when a rebalance is due, it moves weights and Adam moments
+    and returns the metrics for that step's record (GPU max/mean load, mean over the expert layers)."""
     balancer.observe(counts)
     rep = balancer.step(step)
-    if rep is not None:
-        print(f"EPLB step {step}: GPU load max/mean {rep['mean_before']:.3f} -> {rep['mean_after']:.3f} "
-              f"(mean over {len(rep['imbalance_before'])} expert layers, last {len(balancer.stats)} steps)", flush=True)
+    if rep is None:
+        return None
+    print(f"EPLB step {step}: GPU load max/mean {rep['mean_before']:.3f} -> {rep['mean_after']:.3f} "
+          f"(mean over {len(rep['imbalance_before'])} expert layers, last {len(balancer.stats)} steps)", flush=True)
+    return dict(eplb_imbalance_before=rep["mean_before"], eplb_imbalance_after=rep["mean_after"],
+                eplb_worst_before=float(rep["imbalance_before"].max()),
+                eplb_worst_after=float(rep["imbalance_after"].max()))
 
 
 class MetricsLog:
@@ -360,13 +365,12 @@ def main(argv=None):
                 batch = {k: sharding.shard_batch(v, mesh) for k, v in next(loader).items()}
                 metrics = train_step(m, opt, batch, args.mtp_weight, args.bias_gamma, args.z_loss, plan)
                 log.advance()
-                if balancer is not None:
-                    _eplb_step(balancer, step, metrics["load"])
+                rebalanced = _eplb_step(balancer, step, metrics["load"]) if balancer is not None else None
                 window_tokens += args.batch * args.seq_len
                 if args.profile and step == 5:
                     jax.block_until_ready(metrics["loss"])
                     jax.profiler.stop_trace()
-                if step % args.log_every and step not in (start + 1, args.steps):
+                if step % args.log_every and step not in (start + 1, args.steps) and rebalanced is None:
                     if step % args.ckpt_every == 0:
                         ckpt.save(step, m, opt, loader)
                     continue
@@ -377,7 +381,8 @@ def main(argv=None):
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / elapsed
                 record = dict(step=step, lr=float(schedule(step)), tokens_per_s=tps,
-                              mfu=(tps * fpt / (peak * jax.device_count())) if peak else None, **metrics)
+                              mfu=(tps * fpt / (peak * jax.device_count())) if peak else None, **metrics,
+                              **(rebalanced or {}))
                 records.append(record)
                 log.write(record)
                 mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
@@ -410,7 +415,12 @@ def main(argv=None):
     if jax.process_index() == 0:
         _export_atomically(m, out)
         _plots(records, loads, out)
-        print(f"saved {out} (Hugging Face layout) and {out}-train.png; checkpoints in {ckpt.directory}")
+        plots = f"{out}-train.png"
+        if balancer is not None and balancer.last is not None:   # the last rebalance: loads, old and new GPU loads
+            load, old, new = balancer.last
+            sharding.eplb.save_heatmap(load, new, out.with_name(out.name + "-eplb.png"), previous=old)
+            plots += f", {out}-eplb.png"
+        print(f"saved {out} (Hugging Face layout) and {plots}; checkpoints in {ckpt.directory}")
 
 
 if __name__ == "__main__":

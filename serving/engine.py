@@ -6,7 +6,9 @@ sequence, absorbed MLA through FlashMLA, [B, 1]; or `decode_steps` tokens in one
 nothing waits). Block tables are padded to a power-of-two number of blocks too, so a long run
 compiles a bounded number of step functions: (log2 max_running + 1) x (log2 blocks per sequence
 + 1) shapes for each of decode and multi-step decode, times (log2 chunk_tokens + 1) token buckets
-for prefill. Sampling runs inside the same call; only token ids come back to the host.
+for prefill. Sampling runs inside the same call; only token ids come back to the host, with the
+real tokens each MoE layer routed to each expert ([layers, experts] int32), which feed the
+engine's EPLB load window (`Engine.expert_load`; `Engine.rebalance` re-places the experts).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from serving.paged_model import Batch, forward_paged
 from serving.sampler import SamplingParams, find_stop, sample
 from serving.scheduler import Scheduler, Sequence
 from serving.stats import ServingStats
+from sharding import eplb
 
 TRACES = [0]          # step-function traces (compilations) in this process
 
@@ -41,6 +44,7 @@ class EngineConfig:
     min_block_bucket: int = 1
     decode_steps: int = 8            # decode iterations a call when nothing waits (multi-step); 1 = off
     bake_params: bool | None = None  # parameters as compile-time constants; None: on CPU for models <= 64 MiB
+    load_window: int = 1024          # engine steps in the expert-load window (EPLB)
 
 
 @dataclasses.dataclass
@@ -64,8 +68,9 @@ BAKE_LIMIT_BYTES = 64 << 20
 
 
 def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, bake: bool, steps: int = 1):
-    """The jitted step for one model and cache: (leaves, kv, batch, sampling) -> (tokens, logits, kv),
-    tokens [steps, B] and logits [steps, B, V].
+    """The jitted step for one model and cache: (leaves, kv, batch, sampling) -> (tokens, logits,
+    counts, kv), tokens [steps, B], logits [steps, B, V] and counts [L, E] (the real tokens each
+    MoE layer routed to each expert, summed over the steps).
 
     steps > 1 (decode only) runs that many decode iterations in one call, each feeding back the
     token it sampled (multi-step scheduling: one dispatch and one host round trip per `steps`
@@ -85,23 +90,24 @@ def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, b
                 live = batch.valid[:, 0]
                 b = Batch(tokens, batch.positions + i, batch.valid, batch.table,
                           jnp.where(live, batch.lengths + i, 0))
-                logits, kv = forward_paged(m, kv, b, absorbed=absorbed, spec=spec)
-                return sample(logits, temperature, top_k, top_p, seeds, counters + i), logits, kv
+                logits, kv, counts = forward_paged(m, kv, b, absorbed=absorbed, spec=spec)
+                return sample(logits, temperature, top_k, top_p, seeds, counters + i), logits, counts, kv
 
             if steps == 1:
-                tokens, logits, kv = one(0, kv, batch.tokens)
-                return tokens[None], logits[None], kv
+                tokens, logits, counts, kv = one(0, kv, batch.tokens)
+                return tokens[None], logits[None], counts, kv
 
             def body(i, carry):
-                kv, tokens, out, out_logits = carry
-                nxt, logits, kv = one(i, kv, tokens)
-                return kv, nxt[:, None], out.at[i].set(nxt), out_logits.at[i].set(logits)
+                kv, tokens, out, out_logits, total = carry
+                nxt, logits, counts, kv = one(i, kv, tokens)
+                return kv, nxt[:, None], out.at[i].set(nxt), out_logits.at[i].set(logits), total + counts
 
-            B = batch.tokens.shape[0]
+            B, cfg = batch.tokens.shape[0], m.cfg
             init = (kv, batch.tokens, jnp.zeros((steps, B), jnp.int32),
-                    jnp.zeros((steps, B, m.cfg.vocab_size), jnp.float32))
-            kv, _, tokens, logits = jax.lax.fori_loop(0, steps, body, init)
-            return tokens, logits, kv
+                    jnp.zeros((steps, B, cfg.vocab_size), jnp.float32),
+                    jnp.zeros((cfg.num_moe_layers, max(cfg.num_routed_experts, 1)), jnp.int32))
+            kv, _, tokens, logits, counts = jax.lax.fori_loop(0, steps, body, init)
+            return tokens, logits, counts, kv
 
         if bake:
             fn = jax.jit(lambda _, kv, batch, sampling: step(leaves, kv, batch, sampling), donate_argnums=1)
@@ -120,16 +126,8 @@ class Engine:
         dtype = config.cache_dtype or ("float32" if cfg.dtype == "float32" else "bfloat16")
         self.cfg, self.config = cfg, config
         self.spec = paged.CacheSpec(cfg.num_layers, config.num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
-        graphdef, state = nnx.split(model)
-        self.leaves, treedef = jax.tree.flatten(state)
-        bake = config.bake_params
-        if bake is None:
-            size = sum(x.size * x.dtype.itemsize for x in self.leaves)
-            bake = jax.default_backend() == "cpu" and size <= BAKE_LIMIT_BYTES
-        self._steps = {a: _step_fn(graphdef, treedef, self.leaves, self.spec, a, bake) for a in (False, True)}
-        if config.decode_steps > 1:
-            self._steps["multi"] = _step_fn(graphdef, treedef, self.leaves, self.spec, True, bake,
-                                            config.decode_steps)
+        self._bake = config.bake_params
+        self._build(model)
         self.kv = paged.init_cache(self.spec)
         self.scheduler = Scheduler(config.num_blocks, config.max_running, config.chunk_tokens)
         self.detokenize = detokenize
@@ -137,7 +135,71 @@ class Engine:
         self.logits: dict[int, list[np.ndarray]] = {}     # rid -> logits of each sampled token (keep_logits)
         self.sequences: dict[int, Sequence] = {}
         self.stats = ServingStats(num_blocks=config.num_blocks)
+        # real tokens per (MoE layer, routed expert) over the last `load_window` steps; None without MoE layers
+        self.expert_load = (eplb.ExpertLoad(cfg.num_moe_layers, cfg.num_routed_experts, config.load_window)
+                            if cfg.num_moe_layers > 0 else None)
+        self._step_counts = None
         self._next_rid = 0
+
+    def _build(self, model: Transformer) -> None:
+        """Hold the model as flat parameter leaves and build (or find) its jitted step functions;
+        on a rebuild the old ones leave the cache (with the parameters they may have baked in)."""
+        old = set(getattr(self, "_steps", {}).values())
+        for key in [k for k, (fn, _) in _STEPS.items() if fn in old]:
+            del _STEPS[key]
+        graphdef, state = nnx.split(model)
+        self.leaves, treedef = jax.tree.flatten(state)
+        self._graphdef, self._treedef = graphdef, treedef
+        bake = self._bake
+        if bake is None:
+            size = sum(x.size * x.dtype.itemsize for x in self.leaves)
+            bake = jax.default_backend() == "cpu" and size <= BAKE_LIMIT_BYTES
+        self._steps = {a: _step_fn(graphdef, treedef, self.leaves, self.spec, a, bake) for a in (False, True)}
+        if self.config.decode_steps > 1:
+            self._steps["multi"] = _step_fn(graphdef, treedef, self.leaves, self.spec, True, bake,
+                                            self.config.decode_steps)
+
+    def model(self) -> Transformer:
+        """The served model (a new module over the engine's parameter arrays)."""
+        return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, self.leaves))
+
+    # -- EPLB --
+    def placement(self, num_gpus: int) -> eplb.Placement:
+        """Where the served MoE layers' experts live now over num_gpus (identity before any rebalance)."""
+        if self.expert_load is None:
+            raise ValueError("the model has no MoE layers: EPLB has no experts to place")
+        return eplb.placement_of(self.model(), num_gpus).layers(self.cfg.num_moe_layers)
+
+    def rebalance(self, num_gpus: int, redundant: int = 0, *, num_groups: int | None = None,
+                  num_nodes: int = 1) -> dict:
+        """Re-place the routed experts over num_gpus GPUs by the expert-load window (EPLB).
+
+        The parameters move to E + redundant physical slots (replicas copy their expert, so outputs
+        do not change) and the step functions are rebuilt; requests in flight carry on (the cache
+        holds no expert state). num_groups defaults to the model's expert groups (hierarchical
+        placement when they divide over num_nodes). Returns `eplb.report` for the served MoE layers:
+        GPU max/mean load per layer under the placement held before and the new one.
+        """
+        E = self.cfg.num_routed_experts
+        if self.expert_load is None:
+            raise ValueError("the model has no MoE layers: EPLB has no experts to place")
+        if num_gpus <= 0 or redundant < 0:
+            raise ValueError(f"num_gpus={num_gpus} must be positive and redundant={redundant} non-negative")
+        if (E + redundant) % num_gpus:
+            raise ValueError(f"{E} experts + {redundant} redundant = {E + redundant} slots do not divide over "
+                             f"{num_gpus} GPUs")
+        m = self.model()
+        old = eplb.placement_of(m, num_gpus)
+        if old.num_physical % num_gpus:
+            raise ValueError(f"the {old.num_physical} expert slots held now do not divide over {num_gpus} GPUs")
+        load = self.expert_load.load()                                            # [L, E]
+        L = load.shape[0]
+        mtp = np.ones((old.logcnt.shape[0] - L, E))          # MTP blocks do not run in serving: uniform load
+        new = eplb.rebalance(np.concatenate([load, mtp]), E + redundant, num_groups or self.cfg.num_expert_groups,
+                             num_nodes, num_gpus)
+        eplb.apply_placement(m, None, new)
+        self._build(m)
+        return eplb.report(load, new.layers(L), previous=old.layers(L))
 
     # -- requests --
     def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), *, arrival: float | None = None) -> int:
@@ -169,6 +231,7 @@ class Engine:
         self.stats.start(start)
         plan = self.scheduler.schedule()
         finished = []
+        self._step_counts = None
         if plan.prefill:
             rows = [(seq, seq.cached, n) for seq, n in plan.prefill]
             t0 = time.perf_counter()
@@ -189,6 +252,8 @@ class Engine:
                     finished += done
                     if done:
                         break
+        if self.expert_load is not None and self._step_counts is not None:
+            self.expert_load.update(self._step_counts)
         self.stats.step(time.perf_counter(), self.scheduler.allocator.num_used, len(plan.preempted))
         return finished
 
@@ -217,8 +282,9 @@ class Engine:
     def _run(self, rows: list[tuple[Sequence, int, int]], absorbed) -> list:
         """Prefill rows -> one token each; decode rows -> a list of tokens each ([1] or [K])."""
         batch, sampling = self._pack(rows)
-        tokens, logits, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling)
-        tokens = np.asarray(tokens)                                               # [steps, B]
+        tokens, logits, counts, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling)
+        tokens, counts = jax.device_get((tokens, counts))                         # [steps, B], [L, E]
+        self._step_counts = counts if self._step_counts is None else self._step_counts + counts
         if self.keep_logits:
             logits = np.asarray(logits)
             for i, (seq, start, n) in enumerate(rows):

@@ -1,7 +1,7 @@
 """The transformer over the paged latent cache: naive-form prefill, absorbed-form decode.
 
 Letters: B batch, T new tokens a row, M blocks per sequence, H heads, C kv_lora_rank,
-R qk_rope_head_dim, V vocab.
+R qk_rope_head_dim, V vocab, L MoE layers, E routed experts.
 
 This mirrors `Transformer.extend` with block tables in place of a contiguous cache. Prefill
 (a chunk of T tokens a row) writes the chunk's latents and attends over the sequence's blocks
@@ -9,6 +9,9 @@ gathered into a contiguous view, in the naive MLA form. Decode (T = 1) writes th
 latent and attends through the FlashMLA interface (`pallas_kernels.flash_mla.mla_decode`): the
 query is absorbed (q_nope W_UK ++ q_rope, 576 wide in V3), the output is a latent [B,1,H,C]
 that W_UV turns into per-head values.
+
+Each call also counts the real tokens (not the bucket padding) routed to every logical expert of
+every MoE layer, the serving side of EPLB's load statistics (sharding/eplb.py).
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from model import mla
 from model.common import cast, compute_dtype
 from model.config import ModelConfig
 from model.fp8 import project
-from model.moe import MoE, ffn, moe
+from model.moe import MoE, ffn, moe, route
 from model.rope import rope_tables
 from model.transformer import Block, Transformer, run_stack
 from pallas_kernels import flash_mla
@@ -85,15 +88,31 @@ def _attend_prefill(p: mla.MLA, q_nope, q_rope, kv, layer, batch: Batch, cfg: Mo
     return mla.attend_naive(p, q_nope, q_rope, ckv, krope, mask, cfg)
 
 
-def _ffn(p: Block, x, cfg: ModelConfig):
+def expert_counts(p: MoE, h: Float[Array, "B T D"], valid: Bool[Array, "B T"],
+                  cfg: ModelConfig) -> Int[Array, " E"]:
+    """Real tokens routed to each logical expert; `moe`'s own counts include the padding rows.
+
+    The routing repeats `moe`'s on the same input, so XLA computes it once (common subexpressions).
+    """
+    flat = h.reshape(-1, h.shape[-1])
+    logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
+    experts = route(logits, p.bias[...] if cfg.router_bias else None, cfg).experts        # [B*T, k]
+    real = jnp.broadcast_to(valid.reshape(-1, 1), experts.shape).astype(jnp.int32)
+    return jnp.bincount(experts.reshape(-1), weights=real.reshape(-1), length=cfg.num_routed_experts)
+
+
+def _ffn(p: Block, x, valid, cfg: ModelConfig):
+    """x + FFN(x), and the expert counts of the real tokens (None for a dense layer)."""
     h = p.ffn_norm(x)
-    out = moe(p.ffn, h, cfg)[0] if isinstance(p.ffn, MoE) else ffn(p.ffn, h, cfg)
-    return x + out
+    if not isinstance(p.ffn, MoE):
+        return x + ffn(p.ffn, h, cfg), None
+    return x + moe(p.ffn, h, cfg)[0], expert_counts(p.ffn, h, valid, cfg)
 
 
 def paged_block(p: Block, x: Float[Array, "B T D"], layer, kv, rope, batch: Batch, absorbed: bool,
                 cfg: ModelConfig, spec: CacheSpec):
-    """One layer over new tokens: write their latents into the paged cache, attend, FFN."""
+    """One layer over new tokens: write their latents into the paged cache, attend, FFN.
+    Returns (x, kv, expert counts [E] or None)."""
     cos, sin = rope
     h = p.attn_norm(x)
     q_nope, q_rope = mla.queries(p.attn, h, cos, sin, cfg)
@@ -101,7 +120,8 @@ def paged_block(p: Block, x: Float[Array, "B T D"], layer, kv, rope, batch: Batc
     kv = paged.write(kv, layer, ckv, krope, slots_of(batch), spec)
     attend = _attend_decode if absorbed else _attend_prefill
     x = x + attend(p.attn, q_nope, q_rope, kv, layer, batch, cfg, spec)
-    return _ffn(p, x, cfg).astype(compute_dtype(cfg)), kv
+    x, counts = _ffn(p, x, batch.valid, cfg)
+    return x.astype(compute_dtype(cfg)), kv, counts
 
 
 def _stacks(m: Transformer):
@@ -109,21 +129,25 @@ def _stacks(m: Transformer):
 
 
 def forward_paged(m: Transformer, kv, batch: Batch, *, absorbed: bool, spec: CacheSpec):
-    """Logits at each row's last real token [B, V] (f32) and the updated cache."""
+    """Logits at each row's last real token [B, V] (f32), the updated cache, and the real tokens
+    routed to each expert of each MoE layer [L, E] (int32)."""
     cfg = m.cfg
     unrolled = dataclasses.replace(cfg, scan_layers=False, remat="none")    # straight-line: cache writes in place
     rope = rope_tables(batch.positions, cfg)
     h = m.embed_tokens(batch.tokens)
-    start = 0
+    start, counts = 0, jnp.zeros((0, max(cfg.num_routed_experts, 1)), jnp.int32)
     for stack in _stacks(m):
         count = jax.tree.leaves(nnx.state(stack))[0].shape[0]
 
         def step(layer, carry, index):
             x, kv = carry
-            return paged_block(layer, x, index, kv, rope, batch, absorbed, cfg, spec), None
+            x, kv, c = paged_block(layer, x, index, kv, rope, batch, absorbed, cfg, spec)
+            return (x, kv), c
 
-        (h, kv), _ = run_stack(stack, (h, kv), step, start + jnp.arange(count, dtype=jnp.int32), unrolled)
+        (h, kv), c = run_stack(stack, (h, kv), step, start + jnp.arange(count, dtype=jnp.int32), unrolled)
+        if stack is m.moe_layers:
+            counts = c.astype(jnp.int32)
         start += count
     last = jnp.maximum(batch.valid.sum(axis=1) - 1, 0)                             # [B]
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)                   # [B, 1, D]
-    return m.logits_from(h_last, m.final_norm)[:, 0], kv
+    return m.logits_from(h_last, m.final_norm)[:, 0], kv, counts

@@ -15,6 +15,9 @@ In training (`Balancer`, used by train.py's --eplb-every): the model's per-exper
 gives a new placement, and `apply_placement` moves the MoE layers' expert weights and their
 optimizer state (Adam moments) into the new physical slots. The layers then hold [P, ...] slots
 and route each token to a replica (model.moe); outputs are unchanged, only where experts run moves.
+In serving (serving.Engine): every engine step's real tokens per expert go into an `ExpertLoad`
+window, and `Engine.rebalance` applies a new placement to the served parameters (serve.py's
+--eplb-report writes the report and heatmap).
 
 Letters: L layers, E logical experts, P physical experts (num_replicas), G GPUs, N nodes.
 """
@@ -158,6 +161,10 @@ class Placement:
     def num_physical(self) -> int:
         return self.phy2log.shape[1]
 
+    def layers(self, n: int) -> Placement:
+        """The placement of the first n layers (e.g. the MoE layers without the MTP blocks)."""
+        return Placement(self.phy2log[:n], self.log2phy[:n], self.logcnt[:n], self.num_gpus)
+
 
 class ExpertLoad:
     """Per-expert token counts accumulated over a moving window of steps (training) or batches (serving)."""
@@ -242,16 +249,19 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def save_heatmap(load: np.ndarray, placement: Placement, path: str | Path) -> Path:
-    """PNG: expert load per layer, and GPU load per layer before and after the placement."""
+def save_heatmap(load: np.ndarray, placement: Placement, path: str | Path,
+                 previous: Placement | None = None) -> Path:
+    """PNG: expert load per layer, and GPU load per layer before (`previous`, default no replicas)
+    and after the placement."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rep = report(load, placement)
+    rep = report(load, placement, previous)
+    before = "no replicas" if previous is None else "previous placement"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     panels = [(load, "logical expert load", "expert"),
-              (rep["gpu_load_before"], f"GPU load, no replicas (max/mean {rep['mean_before']:.2f})", "GPU"),
+              (rep["gpu_load_before"], f"GPU load, {before} (max/mean {rep['mean_before']:.2f})", "GPU"),
               (rep["gpu_load_after"], f"GPU load, EPLB (max/mean {rep['mean_after']:.2f})", "GPU")]
     for ax, (data, title, xlabel) in zip(axes, panels):
         image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -394,6 +404,7 @@ class Balancer:
         self.num_groups = m.cfg.num_expert_groups if hasattr(m, "cfg") else 1
         self.stats = ExpertLoad(groups[-1][2].stop, E, window=window or every)
         self._pending: list = []
+        self.last: tuple[np.ndarray, Placement, Placement] | None = None     # (load, old, new) of the last rebalance
         self._apply(np.ones(self.stats.shape))
 
     def _apply(self, load: np.ndarray) -> tuple[Placement, Placement]:
@@ -417,4 +428,5 @@ class Balancer:
             return None
         load = self.stats.load()
         old, new = self._apply(load)
+        self.last = (load, old, new)
         return report(load, new, previous=old)

@@ -241,6 +241,7 @@ TRAIN = ["--batch", "8", "--seq-len", "32", "--log-every", "1", "--ckpt-every", 
 
 
 def test_train_rebalances_every_n_steps_and_resumes(tmp_path, capsys):
+    import json
     import re
 
     import train
@@ -256,6 +257,11 @@ def test_train_rebalances_every_n_steps_and_resumes(tmp_path, capsys):
     ratios = [(float(a), float(b)) for a, b in re.findall(r"max/mean (\d+\.\d+) -> (\d+\.\d+)", text)]
     assert steps == [1, 2, 3] and "resumed from step 2" in text
     assert all(after <= before for before, after in ratios) and ratios[-1][1] < 1.2, ratios
+    records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["eplb_imbalance_before"], r["eplb_imbalance_after"]) for r in records]
+    assert logged == [(s, pytest.approx(b, abs=1e-3), pytest.approx(a, abs=1e-3)) for s, (b, a) in zip(steps, ratios)]
+    assert all(r["eplb_worst_after"] >= r["eplb_imbalance_after"] for r in records)
+    assert (tmp_path / "tiny-eplb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     exported = model.load_hf_checkpoint(out)              # raises on extra tensors: E logical experts, not slots
     assert exported.moe_layers.ffn.w_gate.shape[1] == E
 
@@ -270,3 +276,102 @@ def test_eplb_flags_fail_before_work(flags, words, capsys):
     with pytest.raises(SystemExit):
         train.main(flags)
     assert words in capsys.readouterr().err
+
+
+# ---- serving: expert loads from the engine, rebalancing a live engine --------------------------------
+
+from serving import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+SERVE = EngineConfig(num_blocks=16, max_running=4, chunk_tokens=32, min_token_bucket=32, min_batch_bucket=4,
+                     min_block_bucket=4, decode_steps=4)       # fixed buckets: few compiles
+
+
+def _skewed_model(seed: int) -> model.Transformer:
+    """CFG's transformer (3 MoE layers and an MTP block) with values drawn here, as the init would
+    (cheaper than its ~80 compiles), and router biases that send most tokens to a few experts."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model.Transformer(CFG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(state):
+        if path[-1] == "weight":                                                   # RMSNorm scales
+            value = np.ones(var.shape)
+        elif path[-1] == "bias":
+            value = np.zeros(var.shape)
+            value[..., [0, 1, 5, 9]] = 0.06
+        else:
+            value = CFG.init_std * rng.normal(size=var.shape)
+        var.set_value(jnp.asarray(value, var.dtype))
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """A skewed tiny model and its greedy run through the engine."""
+    net = _skewed_model(3)
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(0, CFG.vocab_size, n)] for n in (5, 40, 19)]   # 40: two chunks
+    engine = Engine(net, SERVE, keep_logits=True)
+    done = engine.run([(p, SamplingParams(max_tokens=7)) for p in prompts])
+    return net, prompts, engine, done
+
+
+def test_serving_counts_real_tokens_only(served):
+    """The engine's counts equal the model's own over the tokens it ran (prompt + all but the last
+    generated token), although its batches pad rows (3 -> 4) and chunks (to 32 tokens)."""
+    net, prompts, engine, done = served
+    load = engine.expert_load.load()
+    seqs = [p + c.token_ids[:-1] for p, c in zip(prompts, done)]
+    packed = [np.concatenate(a)[None] for a in zip(*[(s, np.arange(len(s)), np.full(len(s), i))
+                                                     for i, s in enumerate(seqs)])]   # one row, one segment each
+    tokens, positions, segments = map(jnp.asarray, packed)
+    want = net.forward(tokens, positions=positions, segment_ids=segments, with_mtp=False).expert_counts
+    processed = tokens.shape[1]
+    assert load.shape == (CFG.num_moe_layers, E) and 0 < len(engine.expert_load) <= engine.stats.steps
+    np.testing.assert_array_equal(load.sum(1), processed * CFG.num_experts_per_tok)
+    np.testing.assert_array_equal(load, want)
+
+
+def test_engine_rebalance_mid_run_keeps_greedy_tokens(served, report):
+    """Rebalance (8 GPUs, 8 redundant experts) between steps of a second engine: the same greedy
+    tokens and logits as the plain run, the served model's slots hold copies, the given model is untouched."""
+    net, prompts, plain, done = served
+    engine = Engine(net, SERVE, keep_logits=True)
+    rids = [engine.add(p, SamplingParams(max_tokens=7)) for p in prompts]
+    finished = {c.rid: c for _ in range(2) for c in engine.step()}                 # both prefill chunks
+    rep = engine.rebalance(8, redundant=8)
+    placement = engine.placement(8)
+    assert placement.num_physical == E + 8 and np.all(placement.logcnt.sum(1) == E + 8)
+    assert rep["mean_after"] <= rep["mean_before"]
+    while engine.has_work():
+        finished.update((c.rid, c) for c in engine.step())
+    assert [finished[r].token_ids for r in rids] == [c.token_ids for c in done]
+    errs = [rel_err(a, b) for r, c in zip(rids, done) for a, b in zip(engine.logits[r], plain.logits[c.rid])]
+    assert max(errs) < 1e-5, (int(np.argmax(errs)), max(errs))
+    w = np.asarray(engine.model().moe_layers.ffn.w_down[...])                       # [L, P, F, D]
+    for layer in range(CFG.num_moe_layers):
+        np.testing.assert_array_equal(w[layer], w[layer, placement.log2phy[layer, placement.phy2log[layer], 0]])
+    assert net.moe_layers.ffn.w_gate.shape[1] == E and not hasattr(net.moe_layers.ffn, "phy2log")
+    with pytest.raises(ValueError, match="do not divide over 5 GPUs"):
+        engine.rebalance(5)
+    report(f"EPLB in serving (tiny, 3 MoE layers, 16 experts + 8 redundant over 8 GPUs): GPU max/mean "
+           f"{rep['mean_before']:.2f} -> {rep['mean_after']:.2f}; greedy tokens unchanged, logits rel {max(errs):.0e}")
+
+
+def test_serve_eplb_report(served, tmp_path, capsys):
+    import json
+
+    import serve
+    net = served[0]
+    model.save_hf_checkpoint(net, tmp_path / "ckpt")
+    out = tmp_path / "out.jsonl"
+    serve.main(["--checkpoint", str(tmp_path / "ckpt"), "--max-tokens", "4", "--no-progress", "--output", str(out),
+                "--eplb-report", str(tmp_path / "eplb"), "--eplb-gpus", "4", "--eplb-redundant", "4"])
+    rep = json.loads(out.read_text().splitlines()[-1])["stats"]["eplb"]
+    assert rep["num_gpus"] == 4 and len(rep["imbalance_before"]) == CFG.num_moe_layers
+    assert rep["mean_after"] <= rep["mean_before"] and rep["tokens"] > 0
+    assert (tmp_path / "eplb" / "eplb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "max/mean before" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="18 slots do not divide over --eplb-gpus 4"):
+        serve.main(["--checkpoint", str(tmp_path / "ckpt"), "--eplb-report", str(tmp_path), "--eplb-redundant", "2",
+                    "--eplb-gpus", "4"])
+    with pytest.raises(ValueError, match="no MoE layers"):
+        serve.EPLBReport(tmp_path).check(CFG.replace(num_dense_layers=CFG.num_layers))

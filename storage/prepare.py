@@ -1,8 +1,9 @@
 """Corpus preparation: text (files, globs, JSONL fields) -> tokenized ArrayRecord shards + manifest.
 
-One record is one document: its token ids as little-endian int32 bytes, framed BOS ... EOS.
-`manifest.json` beside the shards names the tokenizer, the shards (records, tokens, bytes,
-sha256) and the totals; `open_corpus` checks it before anything is read.
+One record is one document: its token ids framed BOS ... EOS, as little-endian uint16 when the
+vocabulary fits in 65,536 ids (half the bytes to store and read) and int32 otherwise.
+`manifest.json` beside the shards names the tokenizer, the token dtype, the shards (records,
+tokens, bytes, sha256) and the totals; `open_corpus` checks it before anything is read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from array_record.python import array_record_module
@@ -24,7 +26,7 @@ from storage.corpus import ByteTokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "orcinus.corpus/1"
-TOKEN_DTYPE = np.dtype("<i4")
+TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "int32": np.dtype("<i4")}       # name -> on-disk dtype
 _BOS_NAMES = ("<|begin▁of▁sentence|>", "<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
 _EOS_NAMES = ("<|end▁of▁sentence|>", "</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]")
 
@@ -117,6 +119,17 @@ def stdlib_sources() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
+def token_dtype(vocab_size: int, name: Literal["uint16", "int32"] | None = None) -> np.dtype:
+    """The on-disk token dtype: `name`'s, or the smallest that holds `vocab_size` ids."""
+    if name is None:
+        name = "uint16" if vocab_size <= 1 << 16 else "int32"
+    if name not in TOKEN_DTYPES:
+        raise ValueError(f"dtype={name!r} must be one of {list(TOKEN_DTYPES)} (or None: chosen from the vocabulary)")
+    if name == "uint16" and vocab_size > 1 << 16:
+        raise ValueError(f"dtype='uint16' cannot hold a vocabulary of {vocab_size:,} ids; use 'int32'")
+    return TOKEN_DTYPES[name]
+
+
 # ---- writing ------------------------------------------------------------------------------------
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -130,8 +143,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
 class _ShardWriter:
     """Rolls to a new `shard-NNNNN.array_record` when the current one holds `shard_tokens` tokens."""
 
-    def __init__(self, out_dir: Path, shard_tokens: int, compression: str):
-        self.out_dir, self.shard_tokens = out_dir, shard_tokens
+    def __init__(self, out_dir: Path, shard_tokens: int, compression: str, dtype: np.dtype):
+        self.out_dir, self.shard_tokens, self.dtype = out_dir, shard_tokens, dtype
         self.options = f"group_size:1,{compression}"
         self.shards: list[dict] = []
         self._writer = None
@@ -139,7 +152,7 @@ class _ShardWriter:
     def write(self, ids: np.ndarray):
         if self._writer is None or self.shards[-1]["num_tokens"] >= self.shard_tokens:
             self._roll()
-        self._writer.write(ids.astype(TOKEN_DTYPE).tobytes())
+        self._writer.write(ids.astype(self.dtype).tobytes())
         self.shards[-1]["num_records"] += 1
         self.shards[-1]["num_tokens"] += int(ids.size)
 
@@ -164,27 +177,30 @@ class _ShardWriter:
 
 def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.PathLike | Tokenizer = "byte",
                    jsonl_field: str = "text", shard_tokens: int = 16 << 20, max_tokens: int | None = None,
-                   compression: str = "zstd:3", progress: bool = True, name: str = "corpus") -> dict:
+                   compression: str = "zstd:3", dtype: Literal["uint16", "int32"] | None = None,
+                   progress: bool = True, name: str = "corpus") -> dict:
     """Tokenize `inputs` (files / globs / JSONL) into ArrayRecord shards under `out_dir`; return the manifest.
 
     Each document is BOS + tokens + EOS. `max_tokens` stops after the input file that reaches it.
     The manifest is written last, so a directory without one is an interrupted preparation.
     `compression`: an ArrayRecord option, "zstd:<level>", "snappy" or "uncompressed" (one record per
     chunk either way, for random access).
+    `dtype`: the tokens' on-disk type; None: uint16 when the vocabulary has at most 65,536 ids, else int32.
     """
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    dtype = token_dtype(tok.vocab_size, dtype)
     files = expand_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / MANIFEST, *out.glob("shard-*.array_record")]:
         stale.unlink(missing_ok=True)
-    writer, num_docs, num_tokens = _ShardWriter(out, shard_tokens, compression), 0, 0
+    writer, num_docs, num_tokens = _ShardWriter(out, shard_tokens, compression, dtype), 0, 0
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                desc=f"prepare {name}", disable=not progress)
     try:
         for path in files:
             for text in iter_documents(path, jsonl_field):
-                ids = np.asarray(tok.encode(text) + [tok.eos_id], TOKEN_DTYPE)
+                ids = np.asarray(tok.encode(text) + [tok.eos_id], np.int64)
                 writer.write(ids)
                 num_docs, num_tokens = num_docs + 1, num_tokens + ids.size
             bar.update(path.stat().st_size)
@@ -196,7 +212,7 @@ def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.Pa
         bar.close()
     if not num_docs:
         raise ValueError(f"inputs {[str(f) for f in files]} hold no documents")
-    manifest = dict(format=FORMAT, name=name, tokenizer=tokenizer_info(tok), dtype=TOKEN_DTYPE.str,
+    manifest = dict(format=FORMAT, name=name, tokenizer=tokenizer_info(tok), dtype=dtype.str,
                     compression=compression,
                     num_documents=num_docs, num_tokens=int(num_tokens), shards=shards,
                     checksum=hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest())
@@ -208,13 +224,13 @@ def prepare_corpus(inputs, out_dir: str | os.PathLike, *, tokenizer: str | os.Pa
 
 def prepare_embedded_corpus(out_dir: str | os.PathLike, *, max_tokens: int = 8 << 20,
                             shard_tokens: int = 16 << 20, compression: str = "zstd:3",
-                            progress: bool = True) -> dict:
+                            dtype: Literal["uint16", "int32"] | None = None, progress: bool = True) -> dict:
     """The embedded default corpus (stdlib sources, byte tokenizer) through `prepare_corpus`.
 
     Deterministic for a Python version: same files, same order, same shards, same checksum.
     """
     return prepare_corpus(stdlib_sources(), out_dir, tokenizer="byte", shard_tokens=shard_tokens,
-                          max_tokens=max_tokens, compression=compression, progress=progress,
+                          max_tokens=max_tokens, compression=compression, dtype=dtype, progress=progress,
                           name="python-stdlib")
 
 
@@ -239,6 +255,11 @@ class Corpus:
     def num_tokens(self) -> int:
         return self.manifest["num_tokens"]
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The tokens' on-disk dtype (little-endian uint16 or int32)."""
+        return np.dtype(self.manifest["dtype"])
+
 
 def _fix(root: Path) -> str:
     return f"re-run prepare_corpus(..., out_dir={str(root)!r}) (or `python -m storage.prepare`) to rebuild it"
@@ -256,6 +277,7 @@ def open_corpus(root: str | os.PathLike, *, verify_checksums: bool = False) -> C
     try:
         manifest = json.loads(mpath.read_text())
         assert manifest["format"] == FORMAT and manifest["shards"]
+        assert np.dtype(manifest["dtype"]) in TOKEN_DTYPES.values()
     except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
         raise CorpusError(f"{mpath} is not an {FORMAT} manifest; {_fix(root)}") from None
     for shard in manifest["shards"]:
@@ -292,12 +314,14 @@ def main(argv=None):
     p.add_argument("--tokenizer", default="byte", help="'byte' or a Hugging Face tokenizer.json")
     p.add_argument("--jsonl-field", default="text")
     p.add_argument("--shard-tokens", type=int, default=16 << 20)
+    p.add_argument("--dtype", choices=list(TOKEN_DTYPES), default=None,
+                   help="on-disk token dtype (default: uint16 when the vocabulary fits, else int32)")
     args = p.parse_args(argv)
     if args.inputs:
         m = prepare_corpus(args.inputs, args.out_dir, tokenizer=args.tokenizer, jsonl_field=args.jsonl_field,
-                           shard_tokens=args.shard_tokens)
+                           shard_tokens=args.shard_tokens, dtype=args.dtype)
     else:
-        m = prepare_embedded_corpus(args.out_dir, shard_tokens=args.shard_tokens)
+        m = prepare_embedded_corpus(args.out_dir, shard_tokens=args.shard_tokens, dtype=args.dtype)
     print(f"{args.out_dir}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens, "
           f"{len(m['shards'])} shards, checksum {m['checksum'][:16]}")
 

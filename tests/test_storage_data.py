@@ -7,7 +7,7 @@ import pytest
 
 from storage import (ByteTokenizer, CorpusError, LoaderConfig, make_loader, open_corpus, prepare_corpus,
                      prepare_embedded_corpus)
-from storage.dataset import CorpusSource, documents
+from storage.dataset import CorpusSource, documents, permute
 
 TOK = ByteTokenizer()
 
@@ -46,6 +46,7 @@ def test_prepare_files_globs_jsonl_and_manifest(tmp_path, text_files):
     assert m["num_documents"] == len(docs) and m["num_tokens"] == sum(map(len, got))
     assert len(m["shards"]) > 1 and sum(s["num_records"] for s in m["shards"]) == len(docs)
     assert m["tokenizer"] == dict(kind="byte", vocab_size=258, bos_id=256, eos_id=257)
+    assert m["dtype"] == "<u2" and all(d.dtype == np.uint16 for d in got)            # 258 ids fit in uint16
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
     open_corpus(tmp_path / "out", verify_checksums=True)
 
@@ -107,6 +108,9 @@ def test_corrupt_shard_is_a_clear_error(damaged):
     source = CorpusSource(root)                       # unverified open: reading the record fails clearly
     with pytest.raises(CorpusError, match="shard .*shard-00000.array_record: record .* corrupt"):
         [source[i] for i in range(len(source))]
+    loader = make_loader(root, LoaderConfig(seq_len=8, batch_size=2, read_threads=2))
+    with pytest.raises(CorpusError, match="shard .*shard-00000.array_record: record .* corrupt"):
+        [next(loader) for _ in range(100)]                            # raised in a read thread, surfaces here
 
 
 def test_shuffle_is_a_permutation_per_epoch_and_processes_are_disjoint(corpus_dir):
@@ -123,9 +127,11 @@ def test_shuffle_is_a_permutation_per_epoch_and_processes_are_disjoint(corpus_di
     assert abs(len(per_process[0]) - len(per_process[1])) <= 1
 
 
-def test_packed_batches_reconstruct_the_documents(corpus_dir):
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_packed_batches_reconstruct_the_documents(corpus_dir, read_threads):
     docs = read_all(corpus_dir)
-    cfg = LoaderConfig(seq_len=64, batch_size=4, shuffle=False, num_epochs=1, process_index=0, process_count=1)
+    cfg = LoaderConfig(seq_len=64, batch_size=4, shuffle=False, num_epochs=1, process_index=0, process_count=1,
+                       read_threads=read_threads)
     stream, pieces = [], 0
     for batch in make_loader(corpus_dir, cfg):
         for row in range(cfg.batch_size):
@@ -145,8 +151,9 @@ def test_packed_batches_reconstruct_the_documents(corpus_dir):
     assert len(whole) - len(stream) < cfg.seq_len * cfg.batch_size
 
 
-def test_iterator_state_restores_exactly(corpus_dir):
-    cfg = LoaderConfig(seq_len=48, batch_size=3, seed=11)
+@pytest.mark.parametrize("read_threads", [0, 3])
+def test_iterator_state_restores_exactly(corpus_dir, read_threads):
+    cfg = LoaderConfig(seq_len=48, batch_size=3, seed=11, read_threads=read_threads)
     it = make_loader(corpus_dir, cfg)
     states, batches = [], []
     for _ in range(12):
@@ -206,3 +213,64 @@ def test_packing_equals_a_per_document_reference_packer():
         np.testing.assert_array_equal(g["tokens"], tokens)
         np.testing.assert_array_equal(g["positions"], positions)
         np.testing.assert_array_equal(g["segment_ids"], segments)
+
+
+def test_int32_corpora_read_like_uint16_ones(tmp_path, corpus_dir):
+    """A corpus written with int32 tokens (the format before uint16, twice the bytes) reads the same
+    documents and packs into the same batches."""
+    m32 = prepare_embedded_corpus(tmp_path, max_tokens=1 << 17, shard_tokens=1 << 15, dtype="int32", progress=False)
+    m16 = open_corpus(corpus_dir).manifest
+    assert (m32["dtype"], m16["dtype"]) == ("<i4", "<u2")
+    docs32, docs16 = read_all(tmp_path), read_all(corpus_dir)
+    assert docs32[0].dtype == np.int32 and len(docs32) == len(docs16)
+    for a, b in zip(docs32, docs16):
+        np.testing.assert_array_equal(a, b)
+        assert a.nbytes == 2 * b.nbytes
+    cfg = LoaderConfig(seq_len=40, batch_size=3, seed=2, num_epochs=1)
+    for a, b in zip(make_loader(tmp_path, cfg), make_loader(corpus_dir, cfg)):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_token_dtype_must_hold_the_vocabulary(tmp_path, text_files):
+    class WideTokenizer(ByteTokenizer):
+        vocab_size = 70_000
+
+    src, _ = text_files
+    with pytest.raises(ValueError, match="uint16' cannot hold a vocabulary of 70,000 ids; use 'int32'"):
+        prepare_corpus(src / "a.txt", tmp_path / "o", tokenizer=WideTokenizer(), dtype="uint16", progress=False)
+    m = prepare_corpus(src / "a.txt", tmp_path / "o", tokenizer=WideTokenizer(), progress=False)
+    assert m["dtype"] == "<i4"
+    with pytest.raises(ValueError, match="dtype='int8' must be one of"):
+        prepare_corpus(src / "a.txt", tmp_path / "o", dtype="int8", progress=False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 168, 1000, 4097])
+def test_permute_is_a_bijection_that_changes_with_seed_and_epoch(n):
+    i = np.arange(n)
+    orders = {(seed, epoch): permute(i, n, seed, epoch) for seed in (0, 1) for epoch in (0, 1)}
+    for order in orders.values():
+        np.testing.assert_array_equal(np.sort(order), i)
+    if n >= 7:
+        assert len({tuple(o) for o in orders.values()}) == 4 and not (orders[0, 0] == i).all()
+    np.testing.assert_array_equal(permute(i[::-1], n, 1, 1), orders[1, 1][::-1])          # position-wise
+
+
+def test_resume_across_epochs_and_from_any_offset():
+    """An in-memory source of 7 documents, several epochs: resuming at any batch reproduces the rest."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 255, n).astype(np.int32) for n in (3, 50, 17, 9, 120, 1, 33)]
+    cfg = LoaderConfig(seq_len=16, batch_size=2, seed=3, num_epochs=5, prefetch=0)
+    it = make_loader(docs, cfg)
+    states, batches = [], []
+    for batch in it:
+        states.append(it.get_state())
+        batches.append(batch)
+    assert len(batches) == 5 * sum(map(len, docs)) // 32
+    for k in range(0, len(batches) - 1, 3):
+        resumed = make_loader(docs, cfg)
+        resumed.set_state(json.loads(json.dumps(states[k])))
+        rest = list(resumed)
+        assert len(rest) == len(batches) - k - 1
+        for got, want in zip(rest, batches[k + 1:]):
+            np.testing.assert_array_equal(got["tokens"], want["tokens"], err_msg=f"resume after batch {k}")

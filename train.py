@@ -93,7 +93,10 @@ def parse_args(argv=None):
     a("--mtp-weight", type=float, default=0.3)
     a("--bias-gamma", type=float, default=1e-3, help="aux-loss-free bias update speed")
     a("--z-loss", type=float, default=0.0)
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp8"])
+    a("--precision", default="fp32", choices=["fp32", "bf16", "fp8"],
+      help="compute dtype (bf16 / fp8 keep float32 master weights unless --set model.param_dtype=bfloat16)")
+    a("--moments", default="fp32", choices=["fp32", "bf16"],
+      help="dtype the AdamW moments are stored in (DeepSeek-V3 keeps them in bf16)")
     a("--remat", default="none", choices=["none", "full", "dots"])
     a("--mesh", default="", help="e.g. data=2,expert=4 (default: data over all devices)")
     a("--pipeline-schedule", default="none", choices=["none", *sharding.schedules.KINDS],
@@ -200,6 +203,35 @@ def train_step(m, opt, batch, mtp_weight: float, gamma: float, z_loss: float = 0
 
 
 # ---- the run -------------------------------------------------------------------------------------------
+
+def adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
+          moments_dtype=None) -> optax.GradientTransformation:
+    """AdamW; with `moments_dtype` (V3 §3.3: bfloat16) both moments are stored in that dtype between
+    steps while the update arithmetic stays float32 (optax's own `mu_dtype` covers the first moment
+    only). The state is optax's `ScaleByAdamState`, so checkpoints and EPLB see the usual layout."""
+    if moments_dtype is None:
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+
+    def init(params):
+        zeros = lambda p: jnp.zeros_like(p, dtype=moments_dtype)  # noqa: E731
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
+                                      nu=jax.tree.map(zeros, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = optax.safe_int32_increment(state.count)
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        mu = jax.tree.map(lambda g, m: b1 * f32(m) + (1 - b1) * f32(g), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)), grads, state.nu)
+        c = count.astype(jnp.float32)
+        step = jax.tree.map(lambda m, v, g: (m / (1 - b1 ** c) / (jnp.sqrt(v / (1 - b2 ** c)) + eps)).astype(g.dtype),
+                            mu, nu, grads)
+        low = lambda t: jax.tree.map(lambda x: x.astype(moments_dtype), t)  # noqa: E731
+        return step, optax.ScaleByAdamState(count=count, mu=low(mu), nu=low(nu))
+
+    return optax.chain(optax.GradientTransformation(init, update), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
+
 
 def schedule_for(args) -> optax.Schedule:
     """Warmup -> constant -> cosine (DeepSeek-V3's shape)."""
@@ -341,7 +373,8 @@ def main(argv=None):
     m = sharding.shard_model(model.Transformer(cfg, rngs=nnx.Rngs(args.seed)), mesh)
     schedule = schedule_for(args)
     tx = optax.chain(optax.clip_by_global_norm(args.clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay))
+                     adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay,
+                           moments_dtype=jnp.bfloat16 if args.moments == "bf16" else None))
     if args.on_nan == "skip":
         tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
     opt = sharding.shard_model(nnx.Optimizer(m, tx, wrt=nnx.Param), mesh)    # moments follow their params
@@ -353,7 +386,7 @@ def main(argv=None):
         start = ckpt.restore(m, opt, loader)
         print(f"resumed from step {start} ({ckpt.directory})")
     print(f"model: {args.preset}, {model.param_count(m):,} parameters, mesh {dict(mesh.shape)}, "
-          f"precision {args.precision}; corpus {corpus_dir} ({corpus.num_tokens:,} tokens)")
+          f"precision {args.precision}, {args.moments} moments; corpus {corpus_dir} ({corpus.num_tokens:,} tokens)")
     log = MetricsLog(out, start, args.steps)
     records, peak, fpt = [], _device_peak(), flops_per_token(cfg, args.seq_len)
     window_tokens, window_start, loads, step = 0, time.perf_counter(), None, start

@@ -122,9 +122,30 @@ def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights:
         return ragged_experts(x, experts, weights, w_gate, w_up, w_down)
     N, k = experts.shape
     G, tile = w_gate.shape[0], 32
+    if N * k <= 8:                                  # decode at batch 1-2: read only the chosen experts
+        return pairwise_experts(x, experts, weights, w_gate, w_up, w_down)
     tiled_rows = (-(-N * k // tile) + G) * tile
     impl = dense_experts if N * G <= tiled_rows else looped_experts
     return impl(x, experts, weights, w_gate, w_up, w_down)
+
+
+def pairwise_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                     w_gate, w_up, w_down) -> Float[Array, "N D"]:
+    """One (token, chosen expert) pair at a time, reading that expert's weights in place.
+
+    For a handful of tokens (decode at batch 1-2) this reads k experts' weights a token instead of
+    all G (`dense_experts`): on CPU, where reading the weights is the cost, about 1.3x faster a layer.
+    """
+    N, k = experts.shape
+    expert = jnp.maximum(experts, 0).reshape(-1)
+    weight = jnp.where(experts < 0, 0, weights).reshape(-1).astype(x.dtype)
+
+    def pair(i, y):
+        n, e = i // k, expert[i]
+        xn = jax.lax.dynamic_slice_in_dim(x, n, 1)                                     # [1, D]
+        yn = (jax.nn.silu(xn @ w_gate[e]) * (xn @ w_up[e])) @ w_down[e]
+        return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, n, 1) + weight[i] * yn, n, 0)
+    return jax.lax.fori_loop(0, N * k, pair, jnp.zeros_like(x))
 
 
 def ragged_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],

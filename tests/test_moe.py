@@ -132,9 +132,9 @@ def test_moe_gradients_flow_to_experts_and_router():
 
 
 def test_ragged_and_looped_expert_paths_agree():
-    """The accelerator path (sort + ragged_dot) and both CPU paths (looped, dense) agree, with gradients
+    """The accelerator path (sort + ragged_dot) and the CPU paths (looped, dense, pairwise) agree, with gradients
     (the looped path's backward is its own custom_vjp)."""
-    from model.moe import dense_experts, looped_experts, ragged_experts
+    from model.moe import dense_experts, looped_experts, pairwise_experts, ragged_experts
     cfg = CONFIGS["v3"].replace(d_model=32, moe_ffn_dim=16)
     layer = MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (40, cfg.d_model))
@@ -148,3 +148,9 @@ def test_ragged_and_looped_expert_paths_agree():
     for a, b in zip(g_r, g_l):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(dense_experts(*args), ragged, rtol=1e-5, atol=1e-6)
+    few = tuple(a[:2] for a in args[:3]) + args[3:]                                  # 2 tokens: decode
+    np.testing.assert_allclose(pairwise_experts(*few), ragged_experts(*few), rtol=1e-5, atol=1e-6)
+    g_p = jax.grad(lambda *a: jnp.sum(pairwise_experts(*a) ** 2), argnums=(0, 2, 3, 4, 5))(*few)
+    g_r = jax.grad(lambda *a: jnp.sum(ragged_experts(*a) ** 2), argnums=(0, 2, 3, 4, 5))(*few)
+    for a, b in zip(g_r, g_p):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

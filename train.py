@@ -134,6 +134,9 @@ def parse_args(argv=None):
             args.cfg, args.mesh_sizes, args.pipeline_schedule, args.micro_batches)
     except ValueError as err:
         p.error(str(err))
+    if args.cfg.attention == "pallas" and args.seq_len % 128:
+        p.error(f"--set model.attention=pallas: the kernel takes sequences in tiles of 128, but --seq-len is "
+                f"{args.seq_len}; use a multiple of 128")
     if args.eplb_every or args.eplb_redundant:
         expert = args.mesh_sizes.get("expert", 1)
         slots = args.cfg.num_routed_experts + args.eplb_redundant

@@ -10,6 +10,7 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 GroupScore = Literal["max", "top2_sum"]
 Remat = Literal["none", "full", "dots"]
 DType = Literal["float32", "bfloat16", "float16"]
+AttentionImpl = Literal["xla", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,9 @@ class ModelConfig:
     fp8: bool = False                       # FP8 GEMMs in linear layers (V3 recipe; model/fp8.py)
     scan_layers: bool = True
     seq_aux_alpha: float = 1e-4             # complementary sequence-wise balance loss
+    # training / scoring self-attention core: "xla" (jnp), or "pallas": the FlashAttention-3 style
+    # kernels of pallas_kernels/mla_attention.py on a GPU (their jnp reference elsewhere)
+    attention: AttentionImpl = "xla"
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "kv_lora_rank", "qk_nope_head_dim",
@@ -115,6 +119,16 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             _require(getattr(self, name) in ("float32", "bfloat16", "float16"), name, getattr(self, name),
                      "must be 'float32', 'bfloat16' or 'float16'")
+        _require(self.attention in ("xla", "pallas"), "attention", self.attention, "must be 'xla' or 'pallas'")
+        if self.attention == "pallas":
+            for name in ("qk_head_dim", "v_head_dim"):
+                d = getattr(self, name)
+                _require(d % 64 == 0 and 64 <= d <= 256, "attention", self.attention,
+                         f"the Pallas kernel takes head dims that are multiples of 64 in [64, 256], but "
+                         f"{name}={d}; use attention='xla' for this model")
+            _require(self.dtype == "bfloat16", "attention", self.attention,
+                     f"the Pallas kernel computes in bfloat16, but dtype={self.dtype!r}; set dtype='bfloat16' "
+                     "(train.py --precision bf16 or fp8) or use attention='xla'")
         if self.num_moe_layers > 0 or self.mtp_depth > 0:
             self._validate_moe()
         if self.num_dense_layers > 0:

@@ -11,10 +11,12 @@ is the computation FlashMLA performs; the two forms agree to rounding.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from model.common import cast, param
 from model.config import ModelConfig
@@ -23,6 +25,20 @@ from model.norm import RMSNorm
 from model.rope import apply_rope
 
 Mask = Bool[Array, "B T S"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfMask:
+    """The mask of full-sequence self-attention (training, scoring) with what it was built from:
+    the Pallas kernel (`cfg.attention == "pallas"`) masks from the segment ids and causality by
+    index instead of reading `dense`. The two agree when positions count up by one inside each
+    segment (as the packing loader and the default positions do)."""
+
+    dense: Mask
+    segment_ids: Int[Array, "B T"] | None = None
+
+
+jax.tree_util.register_dataclass(SelfMask, data_fields=["dense", "segment_ids"], meta_fields=[])
 
 
 class MLA(nnx.Module):
@@ -71,24 +87,36 @@ def _softmax(scores: Float[Array, "B H T S"], mask: Mask) -> Float[Array, "B H T
     return weights / jnp.where(total > 0, total, 1.0)   # a row with nothing to attend gives zeros
 
 
-def attend_naive(p: MLA, q_nope, q_rope, ckv, k_rope, mask: Mask, cfg: ModelConfig) -> Float[Array, "B T D"]:
+def attend_naive(p: MLA, q_nope, q_rope, ckv, k_rope, mask: Mask | SelfMask,
+                 cfg: ModelConfig) -> Float[Array, "B T D"]:
     with jax.named_scope("mla/attention_naive"):
         # kv_b (W_UK, W_UV): a linear layer, so FP8 under the V3 recipe; the attention core stays
         # in the compute dtype. The absorbed (inference) form folds these into q and out instead.
         k_nope = project(ckv, cast(p.w_uk, cfg), fp8=cfg.fp8)                        # [B,S,H,K]
         v = project(ckv, cast(p.w_uv, cfg), fp8=cfg.fp8)                             # [B,S,H,V]
-        # One QK^T over [nope | rope] (the shared roped key broadcast to every head) in head-major
-        # layout: XLA:CPU runs it about 2x faster than two [B,T,H,*] einsums summed (fwd + bwd),
-        # and it is the (q, k, v) form of FlashAttention-style kernels (192 / 192 / 128 in V3).
+        # One QK^T over [nope | rope] (the shared roped key broadcast to every head): the (q, k, v)
+        # form of FlashAttention-style kernels (192 / 192 / 128 in V3), and in head-major layout
+        # about 2x faster on XLA:CPU than two [B,T,H,*] einsums summed (fwd + bwd).
         H, R = q_rope.shape[2], q_rope.shape[3]
-        q = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(0, 2, 1, 3)          # [B,H,T,K+R]
+        q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)                # [B,T,H,K+R]
         k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_rope.shape[:2], H, R))
-        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1).transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * cfg.softmax_scale
-        probs = _softmax(scores, mask).astype(v.dtype)
-        out = jnp.einsum("bhts,bhsv->bhtv", probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        k = jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1)               # [B,S,H,K+R]
+        if isinstance(mask, SelfMask) and cfg.attention == "pallas":
+            from pallas_kernels.mla_attention import mla_attention
+            bf16 = jnp.bfloat16
+            out = mla_attention(q.astype(bf16), k.astype(bf16), v.astype(bf16), causal=True,
+                                segment_ids=mask.segment_ids, softmax_scale=cfg.softmax_scale,
+                                interpret=_INTERPRET[0]).astype(v.dtype)
+        else:
+            dense = mask.dense if isinstance(mask, SelfMask) else mask
+            scores = jnp.einsum("bhtd,bhsd->bhts", q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3))
+            probs = _softmax(scores * cfg.softmax_scale, dense).astype(v.dtype)
+            out = jnp.einsum("bhts,bhsv->bhtv", probs, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     with jax.named_scope("mla/o_proj"):
         return project(out, cast(p.wo, cfg), contract=2, fp8=cfg.fp8)               # [B,T,D]
+
+
+_INTERPRET = [False]      # tests: run the Pallas attention kernels in the GPU interpreter on CPU
 
 
 def attend_absorbed(p: MLA, q_nope, q_rope, ckv_cache, krope_cache, mask: Mask,

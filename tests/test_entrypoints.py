@@ -61,6 +61,9 @@ def test_train_resume_then_serve(tmp_path, corpus):
     (["--set", "model.nonsense=3"], "FIELD one of"),
     (["--set", "model.scan_layers=maybe"], "true or false"),
     (["--mesh", "data=2,bogus=4"], "axis=size"),
+    (["--set", "model.attention=pallas"], "multiples of 64"),
+    (["--precision", "bf16", "--set", "model.attention=pallas", "--set", "model.qk_nope_head_dim=48",
+      "--set", "model.v_head_dim=64", "--seq-len", "100"], "multiple of 128"),
 ])
 def test_bad_flags_fail_before_work(flags, words, capsys):
     with pytest.raises(SystemExit):

@@ -71,8 +71,13 @@ def config_to_json(cfg) -> dict:
     return dict(type=type(cfg).__name__, fields=json.loads(json.dumps(dataclasses.asdict(cfg))))
 
 
+# How the model runs, not what it is: a checkpoint resumes under any value of these (and one written
+# before a field existed stays readable).
+EXECUTION_ONLY = frozenset({"attention", "remat"})
+
+
 def config_diff(saved: dict, live: dict) -> list[str]:
-    keys = sorted(set(saved["fields"]) | set(live["fields"]))
+    keys = sorted((set(saved["fields"]) | set(live["fields"])) - EXECUTION_ONLY)
     diff = [f"{k}: checkpoint {saved['fields'].get(k, '<absent>')!r}, model {live['fields'].get(k, '<absent>')!r}"
             for k in keys if saved["fields"].get(k, "<absent>") != live["fields"].get(k, "<absent>")]
     if saved["type"] != live["type"]:

@@ -174,3 +174,16 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path, corpus_dir):
     for r in killed[1:] + resumed[1:]:
         assert r == by_step[r["step"]], f"step {r['step']}: resumed run diverges from the uninterrupted run"
     assert [r["step"] for r in resumed[1:]] == list(range(start + 1, steps + 1))
+
+
+def test_config_diff_ignores_how_the_model_runs():
+    """attention / remat change how a model runs, not its parameters: a checkpoint resumes under
+    either, including one written before the `attention` field existed."""
+    import model
+    from storage.checkpoint import config_diff, config_to_json
+    live = config_to_json(model.ModelConfig.preset("tiny", remat="full"))
+    saved = config_to_json(model.ModelConfig.preset("tiny"))
+    del saved["fields"]["attention"]
+    assert config_diff(saved, live) == []
+    saved["fields"]["kv_lora_rank"] = 32
+    assert config_diff(saved, live) == ["kv_lora_rank: checkpoint 32, model 64"]

@@ -54,8 +54,9 @@ def main(argv=None):
             ["fp8 (e4m3, 1x128 / 128x128)", f"{fp8[0]:.4f}", f"{q_end:.4f}", f"{(q_end - f_end) / f_end:+.2%}",
              f"{t_fp8:.0f}"]]
     body = (f"`tiny` preset, {args.steps} steps of {args.batch}x{args.seq} tokens, same seed and batches; loss = "
-            f"main-head cross-entropy, mean of the last {tail} steps. FP8 covers the MLA projections and the dense/"
-            f"shared-expert FFNs (routed experts, attention core, embedding, head and router stay full precision).\n\n"
+            f"main-head cross-entropy, mean of the last {tail} steps. FP8 covers every linear layer: the MLA projections, the "
+            f"dense and shared-expert FFNs and the routed experts (grouped GEMMs); the attention core, embedding, head "
+            f"and router stay full precision. Wall times are CPU references of the FP8 GEMMs, not FP8 speed.\n\n"
             + table(["precision", "loss at step 1", "final loss", "gap vs float32", "wall s (CPU)"], rows))
     publish("FP8 vs full-precision training (tiny)", body, write=not args.no_write)
 

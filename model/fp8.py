@@ -74,3 +74,111 @@ def project(x: Float[Array, "... K"], w: Float[Array, "K ..."], contract: int = 
     w2 = w.reshape(x2.shape[1], -1)
     y = fp8_matmul(x2, w2) if fp8 else jnp.dot(x2, w2)
     return y.reshape(lead + out_shape)
+
+
+# ---- routed experts: grouped FP8 GEMMs in DeepGEMM's contiguous layout --------------------------------
+#
+# Rows xs [Mp, D] hold each expert's token copies contiguously, every expert's run starting on a
+# multiple of 128 (DeepGEMM's M alignment) and padded with zero rows; tile_group [Mp / 128] names the
+# expert of each 128-row tile (-1: padding only). Fprop and Dgrad are m-grouped GEMMs (the Pallas
+# contiguous kernel on Hopper; elsewhere the same quantised operands, dequantised, through a loop
+# over tiles that reads each tile's expert weights in place). Wgrad is k-grouped (a sum over each
+# expert's rows): its operands are quantised as in the dense recipe (xᵀ in 1x128 tiles along tokens,
+# dyᵀ in 128x128 blocks; tiles never straddle experts since runs are 128-aligned) and accumulated
+# per tile in float32 by XLA (there is no k-grouped kernel yet).
+
+def _pad_axis(x: Array, axis: int) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -x.shape[axis] % BLOCK)
+    return jnp.pad(x, pad)
+
+
+def _weight_blocks(w: Float[Array, "G N K"]):
+    """Per-expert 128x128 blocks of [G, N, K] weights (K, the contracted axis, padded to 128)."""
+    w = _pad_axis(w, 2)
+    cast = fp8_quant.per_block_cast_to_fp8 if fp8_gemm.on_hopper() else fp8_quant.per_block_cast_to_fp8_reference
+    return jax.vmap(cast)(w)
+
+
+def _over_tiles(fn, tile_group: Array, *xs: Array):
+    """fn(tile rows..., group) for every 128-row tile, results stacked back into rows."""
+    tiles = [x.reshape(-1, BLOCK, *x.shape[1:]) for x in xs]
+    out = jax.lax.map(lambda a: fn(*a[:-1], a[-1]), (*tiles, tile_group))
+    return out.reshape(-1, *out.shape[2:])
+
+
+def grouped_nt(x: Float[Array, "Mp K"], w: Float[Array, "G N K"], tile_group: Array, out_dtype) -> Array:
+    """out[r] = x[r]·w[e(r)]ᵀ with FP8 operands (x in 1x128 tiles, w in 128x128 blocks), fp32 accumulation;
+    padding tiles give 0."""
+    n = w.shape[1]
+    a_q, a_s = _tiles(x)
+    b_q, b_s = _weight_blocks(_pad_axis(w, 1))
+    if fp8_gemm.on_hopper():
+        rows = jnp.repeat(tile_group, BLOCK)
+        out = fp8_gemm.m_grouped_fp8_gemm_nt_contiguous((a_q, a_s), (b_q, b_s), rows, out_dtype=out_dtype)
+        return out[:, :n]
+    a32 = fp8_gemm.dequantize_rows(a_q, a_s)
+    b32 = jax.vmap(fp8_gemm.dequantize_blocks)(b_q, b_s)                            # [G, Np, Kp]
+
+    def tile(a, g):
+        out = jnp.dot(a, b32[jnp.maximum(g, 0)].T, preferred_element_type=jnp.float32)
+        return jnp.where(g >= 0, out, 0)
+    return _over_tiles(tile, tile_group, a32)[:, :n].astype(out_dtype)
+
+
+def grouped_wgrad(x: Float[Array, "Mp K"], dy: Float[Array, "Mp N"], tile_group: Array,
+                  num_groups: int) -> Float[Array, "G K N"]:
+    """dW[e] = Σ over expert e's rows of x[r]ᵀ·dy[r] (float32) with the dense recipe's Wgrad quantisation."""
+    k, n = x.shape[1], dy.shape[1]
+    xt = _pad_axis(x.reshape(-1, BLOCK, k), 2)                                      # [T, 128, Kp]
+    dyt = _pad_axis(dy.reshape(-1, BLOCK, n), 2)                                    # [T, 128, Np]
+    cast_t = fp8_quant.per_token_cast_to_fp8_reference
+    cast_b = fp8_quant.per_block_cast_to_fp8_reference
+
+    def tile(dw, t):
+        a = fp8_gemm.dequantize_rows(*cast_t(xt[t].T))                               # [Kp, 128]: 1x128 along tokens
+        b = fp8_gemm.dequantize_blocks(*cast_b(dyt[t].T))                            # [Np, 128]: 128x128 blocks
+        g = tile_group[t]
+        part = jnp.where(g >= 0, jnp.dot(a, b.T, preferred_element_type=jnp.float32), 0)
+        return dw.at[jnp.maximum(g, 0)].add(part[:k, :n]), None
+
+    dw, _ = jax.lax.scan(tile, jnp.zeros((num_groups, k, n), jnp.float32), jnp.arange(xt.shape[0]))
+    return dw
+
+
+def _silu_grad(a):
+    s = jax.nn.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+@jax.custom_vjp
+def grouped_swiglu(xs: Float[Array, "Mp D"], tile_group: Array, w_gate, w_up, w_down) -> Float[Array, "Mp D"]:
+    """SwiGLU experts over the contiguous layout; gate, up and down are three FP8 linears (all three
+    GEMMs of each in FP8), quantised exactly as `fp8_matmul` quantises a dense linear."""
+    return _swiglu_fwd(xs, tile_group, w_gate, w_up, w_down)[0]
+
+
+def _swiglu_fwd(xs, tile_group, w_gate, w_up, w_down):
+    t = lambda w: jnp.swapaxes(w, 1, 2)  # noqa: E731   [G, K, N] -> [G, N, K]
+    a = grouped_nt(xs, t(w_gate), tile_group, jnp.float32)                          # [Mp, F]
+    b = grouped_nt(xs, t(w_up), tile_group, jnp.float32)
+    h = (jax.nn.silu(a) * b).astype(xs.dtype)
+    y = grouped_nt(h, t(w_down), tile_group, xs.dtype)                              # [Mp, D]
+    return y, (xs, tile_group, w_gate, w_up, w_down, a, b, h)
+
+
+def _swiglu_bwd(res, dy):
+    xs, tile_group, w_gate, w_up, w_down, a, b, h = res
+    G = w_down.shape[0]
+    dh = grouped_nt(dy, w_down, tile_group, jnp.float32)                            # Dgrad [Mp, F]
+    s = jax.nn.silu(a)
+    da = (dh * b * _silu_grad(a)).astype(xs.dtype)
+    db = (dh * s).astype(xs.dtype)
+    dx = (grouped_nt(da, w_gate, tile_group, jnp.float32)
+          + grouped_nt(db, w_up, tile_group, jnp.float32)).astype(xs.dtype)         # Dgrad [Mp, D]
+    cast = lambda g, w: g.astype(w.dtype)  # noqa: E731
+    return (dx, None, cast(grouped_wgrad(xs, da, tile_group, G), w_gate),            # Wgrad [G, D, F]
+            cast(grouped_wgrad(xs, db, tile_group, G), w_up), cast(grouped_wgrad(h, dy, tile_group, G), w_down))
+
+
+grouped_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

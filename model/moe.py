@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from model import fp8 as fp8_lib
 from model.common import RouterBias, cast, param
 from model.config import ModelConfig
 from model.fp8 import project
@@ -109,8 +110,42 @@ def route(logits: Float[Array, "N E"], bias: Float[Array, " E"] | None, cfg: Mod
         return Routing(weights * cfg.routed_scaling_factor, experts, scores)
 
 
+def fp8_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
+                w_gate, w_up, w_down) -> Float[Array, "N D"]:
+    """Dropless SwiGLU experts with FP8 GEMMs (V3 §3.3; `model.fp8.grouped_swiglu`).
+
+    Token copies go into DeepGEMM's contiguous layout: sorted by expert, each expert's run starting
+    on a multiple of 128 rows, zero rows between; at most N*k + G*127 rows, rounded to 128.
+    """
+    N, k = experts.shape
+    G, D = w_gate.shape[0], x.shape[1]
+    rows = -(-(N * k + G * (fp8_lib.BLOCK - 1)) // fp8_lib.BLOCK) * fp8_lib.BLOCK
+    with jax.named_scope("moe/permute"):
+        flat = jnp.where(experts < 0, G, experts).reshape(-1)              # empty slots sort last, unrun
+        order = jnp.argsort(flat, stable=True)
+        sizes = jnp.bincount(flat, length=G + 1)[:G]
+        padded = -(-sizes // fp8_lib.BLOCK) * fp8_lib.BLOCK
+        padded_start = jnp.cumsum(padded) - padded
+        expert = flat[order]
+        valid = expert < G
+        expert_c = jnp.minimum(expert, G - 1)
+        rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[expert_c]    # position inside its expert
+        dest = jnp.where(valid, padded_start[expert_c] + rank, rows)       # rows: dropped (empty slot)
+        token = order // k
+        xs = jnp.zeros((rows, D), x.dtype).at[dest].set(x[token], mode="drop")
+        tile_start = jnp.arange(rows // fp8_lib.BLOCK) * fp8_lib.BLOCK
+        tile_group = jnp.searchsorted(jnp.cumsum(padded), tile_start, side="right").astype(jnp.int32)
+        tile_group = jnp.where(tile_group < G, tile_group, -1)              # past the last run: padding
+    with jax.named_scope("moe/experts_fp8"):
+        ys = fp8_lib.grouped_swiglu(xs, tile_group, w_gate, w_up, w_down)
+    with jax.named_scope("moe/unpermute"):
+        slot_weight = jnp.where(valid, jnp.where(experts < 0, 0, weights).reshape(-1)[order], 0)
+        ys = jnp.take(ys, dest, axis=0, mode="fill", fill_value=0) * slot_weight[:, None].astype(ys.dtype)
+        return jnp.zeros_like(x).at[token].add(ys)
+
+
 def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
-                    w_gate, w_up, w_down) -> Float[Array, "N D"]:
+                    w_gate, w_up, w_down, *, fp8: bool = False) -> Float[Array, "N D"]:
     """Dropless SwiGLU experts, weighted and summed per token.
 
     experts[n, j] in [0, G) picks one of the G experts of w_* ([G, D, F], [G, D, F], [G, F, D]);
@@ -118,6 +153,8 @@ def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights:
     (`ragged_experts`) on accelerators. XLA:CPU has none, so there the cheaper (by rows of work,
     known from static shapes) of `looped_experts` and `dense_experts` runs.
     """
+    if fp8:
+        return fp8_experts(x, experts, weights, w_gate, w_up, w_down)
     if jax.default_backend() != "cpu":
         return ragged_experts(x, experts, weights, w_gate, w_up, w_down)
     N, k = experts.shape
@@ -336,7 +373,7 @@ def physical_routing(p: MoE, r: Routing) -> Routing:
 
 def routed_experts(p: MoE, x: Float[Array, "N D"], r: Routing, cfg: ModelConfig) -> Float[Array, "N D"]:
     """r holds physical expert ids when the layer has slots (see `physical_routing`)."""
-    return grouped_experts(x, r.experts, r.weights, *expert_weights(p, cfg))
+    return grouped_experts(x, r.experts, r.weights, *expert_weights(p, cfg), fp8=cfg.fp8)
 
 
 def sequence_balance_loss(r: Routing, batch: int, cfg: ModelConfig) -> Float[Array, ""]:

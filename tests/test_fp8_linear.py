@@ -85,10 +85,10 @@ def test_fp8_routed_experts_are_per_expert_fp8_linears(report):
     gradients agree with that chain to float32 rounding. Against full precision: the bound above."""
     from model.moe import fp8_experts, ragged_experts
     rng = np.random.default_rng(0)
-    N, k, G, D, F = 64, 4, 8, 256, 64
+    N, k, G, D, F = 64, 2, 4, 256, 64
     x = jnp.asarray(rng.normal(size=(N, D)), jnp.float32)
     e = np.argsort(rng.random((N, G)), 1)[:, :k]
-    e[e == 5] = 6                                                       # expert 5 gets no token
+    e[e == 3] = 2                                       # expert 3 gets no token (a row may name 2 twice)
     e[0, 1] = -1                                                        # an empty slot (EP)
     e = jnp.asarray(e, jnp.int32)
     w = jnp.asarray(rng.random((N, k)), jnp.float32)
@@ -118,7 +118,7 @@ def test_fp8_routed_experts_are_per_expert_fp8_linears(report):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
     results = {"y": _metrics(y8, ragged_experts(x, e, w, wg, wu, wd))}
     results.update({name: _metrics(a, b) for name, a, b in zip(names, g8, g_full)})
-    report("FP8 routed experts (64 tokens, top-4 of 8, 256 -> 64 -> 256) vs full precision: "
+    report("FP8 routed experts (64 tokens, top-2 of 4, 256 -> 64 -> 256) vs full precision: "
            + ", ".join(f"{name} rel {r:.3f} cos {c:.5f}" for name, (r, c) in results.items()))
     for name, (rel, cos) in results.items():
         assert rel < 0.1 and cos > 0.99 and rel > 1e-4, (name, rel, cos)

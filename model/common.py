@@ -39,3 +39,9 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 def cast(w, cfg: ModelConfig):
     """A parameter's value in the compute dtype."""
     return jnp.asarray(w[...] if isinstance(w, nnx.Variable) else w, compute_dtype(cfg))
+
+
+def silu_grad(a: jax.Array) -> jax.Array:
+    """d silu(a) / da = sigmoid(a) (1 + a (1 - sigmoid(a))): the hand-written SwiGLU backward passes."""
+    s = jax.nn.sigmoid(a)
+    return s * (1 + a * (1 - s))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from model.common import silu_grad
 from pallas_kernels import fp8_gemm, fp8_quant
 
 BLOCK = 128
@@ -100,13 +101,6 @@ def _weight_blocks(w: Float[Array, "G N K"]):
     return jax.vmap(cast)(w)
 
 
-def _over_tiles(fn, tile_group: Array, *xs: Array):
-    """fn(tile rows..., group) for every 128-row tile, results stacked back into rows."""
-    tiles = [x.reshape(-1, BLOCK, *x.shape[1:]) for x in xs]
-    out = jax.lax.map(lambda a: fn(*a[:-1], a[-1]), (*tiles, tile_group))
-    return out.reshape(-1, *out.shape[2:])
-
-
 def grouped_nt(x: Float[Array, "Mp K"], w: Float[Array, "G N K"], tile_group: Array, out_dtype) -> Array:
     """out[r] = x[r]·w[e(r)]ᵀ with FP8 operands (x in 1x128 tiles, w in 128x128 blocks), fp32 accumulation;
     padding tiles give 0."""
@@ -120,10 +114,11 @@ def grouped_nt(x: Float[Array, "Mp K"], w: Float[Array, "G N K"], tile_group: Ar
     a32 = fp8_gemm.dequantize_rows(a_q, a_s)
     b32 = jax.vmap(fp8_gemm.dequantize_blocks)(b_q, b_s)                            # [G, Np, Kp]
 
-    def tile(a, g):
-        out = jnp.dot(a, b32[jnp.maximum(g, 0)].T, preferred_element_type=jnp.float32)
-        return jnp.where(g >= 0, out, 0)
-    return _over_tiles(tile, tile_group, a32)[:, :n].astype(out_dtype)
+    def tile(a_g):                                                                 # one 128-row tile
+        a, g = a_g
+        return jnp.where(g >= 0, jnp.dot(a, b32[jnp.maximum(g, 0)].T, preferred_element_type=jnp.float32), 0)
+    out = jax.lax.map(tile, (a32.reshape(-1, BLOCK, a32.shape[1]), tile_group))     # [T, 128, Np]
+    return out.reshape(-1, out.shape[2])[:, :n].astype(out_dtype)
 
 
 def grouped_wgrad(x: Float[Array, "Mp K"], dy: Float[Array, "Mp N"], tile_group: Array,
@@ -144,11 +139,6 @@ def grouped_wgrad(x: Float[Array, "Mp K"], dy: Float[Array, "Mp N"], tile_group:
 
     dw, _ = jax.lax.scan(tile, jnp.zeros((num_groups, k, n), jnp.float32), jnp.arange(xt.shape[0]))
     return dw
-
-
-def _silu_grad(a):
-    s = jax.nn.sigmoid(a)
-    return s * (1 + a * (1 - s))
 
 
 @jax.custom_vjp
@@ -172,7 +162,7 @@ def _swiglu_bwd(res, dy):
     G = w_down.shape[0]
     dh = grouped_nt(dy, w_down, tile_group, jnp.float32)                            # Dgrad [Mp, F]
     s = jax.nn.silu(a)
-    da = (dh * b * _silu_grad(a)).astype(xs.dtype)
+    da = (dh * b * silu_grad(a)).astype(xs.dtype)
     db = (dh * s).astype(xs.dtype)
     dx = (grouped_nt(da, w_gate, tile_group, jnp.float32)
           + grouped_nt(db, w_up, tile_group, jnp.float32)).astype(xs.dtype)         # Dgrad [Mp, D]

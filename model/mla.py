@@ -41,6 +41,11 @@ class SelfMask:
 jax.tree_util.register_dataclass(SelfMask, data_fields=["dense", "segment_ids"], meta_fields=[])
 
 
+def self_mask(positions: Int[Array, "B T"], segment_ids: Int[Array, "B T"] | None = None) -> SelfMask:
+    """Causal (by position) self-attention inside each segment."""
+    return SelfMask(causal_mask(positions, positions, segment_ids, segment_ids), segment_ids)
+
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, C, R = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim

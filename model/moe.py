@@ -28,10 +28,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from model import fp8 as fp8_lib
-from model.common import RouterBias, cast, param
+from model.common import RouterBias, cast, param, silu_grad
 from model.config import ModelConfig
 from model.fp8 import project
 
@@ -110,6 +110,21 @@ def route(logits: Float[Array, "N E"], bias: Float[Array, " E"] | None, cfg: Mod
         return Routing(weights * cfg.routed_scaling_factor, experts, scores)
 
 
+def _sort_copies(experts: Int[Array, "N k"], num_experts: int):
+    """The N*k token copies sorted by expert, empty slots (-1) last: the sorted copies' experts
+    (num_experts for an empty slot), the sort order, each sorted copy's token, copies per expert."""
+    flat = jnp.where(experts < 0, num_experts, experts).reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    return flat[order], order, order // experts.shape[1], sizes
+
+
+def _combine(x: Float[Array, "N D"], ys: Float[Array, "Nk D"], experts, weights, order, token) -> Float[Array, "N D"]:
+    """Each token's sum of its sorted copies' outputs ys, weighted by its routing weights."""
+    slot_weight = jnp.where(experts < 0, 0, weights).reshape(-1)[order]
+    return jnp.zeros_like(x).at[token].add(ys * slot_weight[:, None].astype(ys.dtype))
+
+
 def fp8_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
                 w_gate, w_up, w_down) -> Float[Array, "N D"]:
     """Dropless SwiGLU experts with FP8 GEMMs (V3 §3.3; `model.fp8.grouped_swiglu`).
@@ -121,27 +136,20 @@ def fp8_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Flo
     G, D = w_gate.shape[0], x.shape[1]
     rows = -(-(N * k + G * (fp8_lib.BLOCK - 1)) // fp8_lib.BLOCK) * fp8_lib.BLOCK
     with jax.named_scope("moe/permute"):
-        flat = jnp.where(experts < 0, G, experts).reshape(-1)              # empty slots sort last, unrun
-        order = jnp.argsort(flat, stable=True)
-        sizes = jnp.bincount(flat, length=G + 1)[:G]
+        expert, order, token, sizes = _sort_copies(experts, G)           # empty slots sort last, unrun
         padded = -(-sizes // fp8_lib.BLOCK) * fp8_lib.BLOCK
         padded_start = jnp.cumsum(padded) - padded
-        expert = flat[order]
-        valid = expert < G
         expert_c = jnp.minimum(expert, G - 1)
         rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[expert_c]    # position inside its expert
-        dest = jnp.where(valid, padded_start[expert_c] + rank, rows)       # rows: dropped (empty slot)
-        token = order // k
+        dest = jnp.where(expert < G, padded_start[expert_c] + rank, rows)  # rows: dropped (empty slot)
         xs = jnp.zeros((rows, D), x.dtype).at[dest].set(x[token], mode="drop")
         tile_start = jnp.arange(rows // fp8_lib.BLOCK) * fp8_lib.BLOCK
         tile_group = jnp.searchsorted(jnp.cumsum(padded), tile_start, side="right").astype(jnp.int32)
         tile_group = jnp.where(tile_group < G, tile_group, -1)              # past the last run: padding
     with jax.named_scope("moe/experts_fp8"):
         ys = fp8_lib.grouped_swiglu(xs, tile_group, w_gate, w_up, w_down)
-    with jax.named_scope("moe/unpermute"):
-        slot_weight = jnp.where(valid, jnp.where(experts < 0, 0, weights).reshape(-1)[order], 0)
-        ys = jnp.take(ys, dest, axis=0, mode="fill", fill_value=0) * slot_weight[:, None].astype(ys.dtype)
-        return jnp.zeros_like(x).at[token].add(ys)
+    with jax.named_scope("moe/unpermute"):                         # empty slots: a filled 0 row, weight 0
+        return _combine(x, jnp.take(ys, dest, axis=0, mode="fill", fill_value=0), experts, weights, order, token)
 
 
 def grouped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
@@ -191,19 +199,14 @@ def ragged_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: 
     N, k = experts.shape
     G = w_gate.shape[0]
     with jax.named_scope("moe/permute"):
-        flat = jnp.where(experts < 0, G, experts).reshape(-1)                # empty slots sort last
-        order = jnp.argsort(flat, stable=True)
-        token = order // k
-        group_sizes = jnp.bincount(flat, length=G + 1)[:G].astype(jnp.int32)
+        _, order, token, group_sizes = _sort_copies(experts, G)              # empty slots sort last
         xs = x[token]                                                         # [N*k, D]
     with jax.named_scope("moe/experts"):
         gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)                    # rows past the groups give 0
         up = jax.lax.ragged_dot(xs, w_up, group_sizes)
         ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
     with jax.named_scope("moe/unpermute"):
-        slot_weight = jnp.where(experts < 0, 0, weights).reshape(-1)[order]
-        ys = ys * slot_weight[:, None].astype(ys.dtype)
-        return jnp.zeros_like(x).at[token].add(ys)
+        return _combine(x, ys, experts, weights, order, token)
 
 
 def dense_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"],
@@ -236,22 +239,13 @@ def looped_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: 
     N, k = experts.shape
     G = w_gate.shape[0]
     with jax.named_scope("moe/permute"):
-        flat = jnp.where(experts < 0, G, experts).reshape(-1)              # empty slots sort last, unrun
-        order = jnp.argsort(flat, stable=True)
-        sizes = jnp.bincount(flat, length=G + 1)[:G].astype(jnp.int32)
-        starts = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
-        token = order // k
+        _, order, token, sizes = _sort_copies(experts, G)                  # empty slots sort last, unrun
+        starts = jnp.cumsum(sizes) - sizes
         xs = jnp.concatenate([x[token], jnp.zeros((tile, x.shape[1]), x.dtype)])   # a tile of slack
     with jax.named_scope("moe/experts"):
         ys = _expert_loop(xs, starts, sizes, w_gate, w_up, w_down, tile)[:N * k]
     with jax.named_scope("moe/unpermute"):
-        slot_weight = jnp.where(experts < 0, 0, weights).reshape(-1)[order]
-        return jnp.zeros_like(x).at[token].add(ys * slot_weight[:, None].astype(ys.dtype))
-
-
-def _silu_grad(a):
-    s = jax.nn.sigmoid(a)
-    return s * (1 + a * (1 - s))
+        return _combine(x, ys, experts, weights, order, token)
 
 
 def _tile_rows(start, size, j: Array, tile: int) -> tuple[Array, Array]:
@@ -311,7 +305,7 @@ def _expert_loop_bwd(tile, res, dys):
             s = jax.nn.silu(a)
             gd = gd + jnp.dot((s * b).T, dyt, preferred_element_type=acc)
             dh = dyt @ wd.T
-            dgu = jnp.concatenate([dh * b * _silu_grad(a), dh * s], axis=1).astype(xt.dtype)
+            dgu = jnp.concatenate([dh * b * silu_grad(a), dh * s], axis=1).astype(xt.dtype)
             ggu = ggu + jnp.dot(xt.T, dgu, preferred_element_type=acc)
             return jax.lax.dynamic_update_slice_in_dim(dxs, (dgu @ wgu.T).astype(dxs.dtype), off, 0), ggu, gd
 
@@ -403,8 +397,9 @@ def _expert_axis_size() -> int:
     return dict(mesh.shape).get("expert", 1) if mesh is not None and not mesh.empty else 1
 
 
-def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig):
-    """Returns the layer output, per-expert token counts [E] and the sequence balance loss."""
+def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig, valid: Bool[Array, "B T"] | None = None):
+    """Returns the layer output, per-expert token counts [E] (of the `valid` tokens only, when given:
+    serving's bucket padding is routed but not counted) and the sequence balance loss."""
     B, T, D = x.shape
     flat = x.reshape(B * T, D)
     logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
@@ -419,5 +414,6 @@ def moe(p: MoE, x: Float[Array, "B T D"], cfg: ModelConfig):
     if cfg.num_shared_experts > 0:
         with jax.named_scope("moe/shared"):
             out = out + ffn(p.shared, flat, cfg)
-    counts = jnp.bincount(r.experts.reshape(-1), length=cfg.num_routed_experts)
+    real = None if valid is None else jnp.repeat(valid.reshape(-1).astype(jnp.int32), r.experts.shape[1])
+    counts = jnp.bincount(r.experts.reshape(-1), weights=real, length=cfg.num_routed_experts)
     return out.reshape(B, T, D), counts, sequence_balance_loss(r, B, cfg)

@@ -180,7 +180,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         rope = rope_tables(positions, cfg)
-        mask = mla.SelfMask(mla.causal_mask(positions, positions, segment_ids, segment_ids), segment_ids)
+        mask = mla.self_mask(positions, segment_ids)
         step = lambda layer, h, _: _scan_step(layer, h, rope, mask, cfg)  # noqa: E731
         h = self.embed_tokens(tokens)
         counts, aux = [], jnp.zeros((), jnp.float32)

@@ -21,13 +21,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from model import mla
 from model.common import cast, compute_dtype
 from model.config import ModelConfig
 from model.fp8 import project
-from model.moe import MoE, ffn, moe, route
+from model.moe import MoE, ffn, moe
 from model.rope import rope_tables
 from model.transformer import Block, Transformer, run_stack
 from pallas_kernels import flash_mla
@@ -88,25 +88,13 @@ def _attend_prefill(p: mla.MLA, q_nope, q_rope, kv, layer, batch: Batch, cfg: Mo
     return mla.attend_naive(p, q_nope, q_rope, ckv, krope, mask, cfg)
 
 
-def expert_counts(p: MoE, h: Float[Array, "B T D"], valid: Bool[Array, "B T"],
-                  cfg: ModelConfig) -> Int[Array, " E"]:
-    """Real tokens routed to each logical expert; `moe`'s own counts include the padding rows.
-
-    The routing repeats `moe`'s on the same input, so XLA computes it once (common subexpressions).
-    """
-    flat = h.reshape(-1, h.shape[-1])
-    logits = jnp.einsum("nd,de->ne", flat.astype(jnp.float32), p.router[...])
-    experts = route(logits, p.bias[...] if cfg.router_bias else None, cfg).experts        # [B*T, k]
-    real = jnp.broadcast_to(valid.reshape(-1, 1), experts.shape).astype(jnp.int32)
-    return jnp.bincount(experts.reshape(-1), weights=real.reshape(-1), length=cfg.num_routed_experts)
-
-
 def _ffn(p: Block, x, valid, cfg: ModelConfig):
     """x + FFN(x), and the expert counts of the real tokens (None for a dense layer)."""
     h = p.ffn_norm(x)
     if not isinstance(p.ffn, MoE):
         return x + ffn(p.ffn, h, cfg), None
-    return x + moe(p.ffn, h, cfg)[0], expert_counts(p.ffn, h, valid, cfg)
+    out, counts, _ = moe(p.ffn, h, cfg, valid)
+    return x + out, counts
 
 
 def paged_block(p: Block, x: Float[Array, "B T D"], layer, kv, rope, batch: Batch, absorbed: bool,

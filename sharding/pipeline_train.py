@@ -104,7 +104,7 @@ def _stage_fn(stack_gd, cfg: ModelConfig):
         h, side = x[..., :D], x[..., D:]
         positions, segments = decode_ints(side[..., :DIGITS]), decode_ints(side[..., DIGITS:])
         rope = rope_tables(positions, cfg)
-        mask = mla.SelfMask(mla.causal_mask(positions, positions, segments, segments), segments)
+        mask = mla.self_mask(positions, segments)
         stack = nnx.merge(stack_gd, sp["params"], sp["rest"])
         h, (counts, aux) = run_stack(stack, h, lambda layer, h, _: _scan_step(layer, h, rope, mask, cfg), None, cfg)
         return jnp.concatenate([h.astype(x.dtype), side], axis=-1), aux.sum(), counts      # counts [layers, E]
@@ -133,8 +133,7 @@ def _front(m: Transformer, batch: dict):
     dense = m.dense_layers
     dense_gd, dense_params, dense_rest = nnx.split(dense, nnx.Param, ...) if dense is not None else (None, {}, None)
     positions, segments = batch["positions"], batch["segment_ids"]
-    rope, mask = rope_tables(positions, cfg), mla.SelfMask(mla.causal_mask(positions, positions, segments, segments),
-                                                           segments)
+    rope, mask = rope_tables(positions, cfg), mla.self_mask(positions, segments)
 
     def front(embed, dense_params):
         h = jnp.take(cast(embed, cfg), batch["tokens"], axis=0)

@@ -16,7 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from model.common import silu_grad
 from pallas_kernels import fp8_gemm, fp8_quant
@@ -92,6 +92,14 @@ def _pad_axis(x: Array, axis: int) -> Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, -x.shape[axis] % BLOCK)
     return jnp.pad(x, pad)
+
+
+def tile_groups(run_rows: Int[Array, " G"], rows: int) -> Int[Array, " T"]:
+    """The expert of each 128-row tile of a contiguous layout of `rows` rows whose runs (one per expert,
+    in expert order from row 0, each a multiple of 128 long) have lengths run_rows; -1 past the last run."""
+    tile_start = jnp.arange(rows // BLOCK) * BLOCK
+    group = jnp.searchsorted(jnp.cumsum(run_rows), tile_start, side="right").astype(jnp.int32)
+    return jnp.where(group < run_rows.shape[0], group, -1)
 
 
 def _weight_blocks(w: Float[Array, "G N K"]):
@@ -172,3 +180,13 @@ def _swiglu_bwd(res, dy):
 
 
 grouped_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def batched_swiglu(x: Float[Array, "G T D"], w_gate, w_up, w_down) -> Float[Array, "G T D"]:
+    """`grouped_swiglu` with expert g on the T rows x[g] (one fixed-size run per expert, the low-latency
+    EP layout); each run is padded with zero rows to a multiple of 128, and a zero row gives a zero output."""
+    G, T, D = x.shape
+    xs = _pad_axis(x, 1)                                                           # [G, Tp, D]
+    Tp = xs.shape[1]
+    tile_group = tile_groups(jnp.full((G,), Tp), G * Tp)
+    return grouped_swiglu(xs.reshape(G * Tp, D), tile_group, w_gate, w_up, w_down).reshape(G, Tp, D)[:, :T]

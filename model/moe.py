@@ -143,9 +143,7 @@ def fp8_experts(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Flo
         rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[expert_c]    # position inside its expert
         dest = jnp.where(expert < G, padded_start[expert_c] + rank, rows)  # rows: dropped (empty slot)
         xs = jnp.zeros((rows, D), x.dtype).at[dest].set(x[token], mode="drop")
-        tile_start = jnp.arange(rows // fp8_lib.BLOCK) * fp8_lib.BLOCK
-        tile_group = jnp.searchsorted(jnp.cumsum(padded), tile_start, side="right").astype(jnp.int32)
-        tile_group = jnp.where(tile_group < G, tile_group, -1)              # past the last run: padding
+        tile_group = fp8_lib.tile_groups(padded, rows)                     # past the last run: -1
     with jax.named_scope("moe/experts_fp8"):
         ys = fp8_lib.grouped_swiglu(xs, tile_group, w_gate, w_up, w_down)
     with jax.named_scope("moe/unpermute"):                         # empty slots: a filled 0 row, weight 0

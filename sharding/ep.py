@@ -18,6 +18,9 @@ Inside `shard_map` over the expert axis, each of R ranks holds n tokens and El =
   through an EPLB placement (log2phy, logcnt), picking a replica deterministically from the token
   index. A layer that holds physical slots (`model.moe.has_slots`) arrives here already routed onto
   them; `ep_moe(placement=...)` instead builds the slots from E logical weights on the fly.
+- cfg.fp8 runs each rank's local experts as FP8 grouped GEMMs (`model.fp8.grouped_swiglu`) in every
+  mode: `grouped_experts(fp8=True)` in normal mode, `model.fp8.batched_swiglu` over the low-latency
+  [El, R*M, D] buffers. Independent of the low-latency FP8 payload (`EPOptions.fp8`).
 
 Letters: R ranks, n tokens on this rank, k top-k, D hidden, E physical experts, El local
 experts, M low-latency buffer rows.
@@ -35,6 +38,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
+from model import fp8 as fp8_lib
 from model import moe as moe_lib
 from model.config import ModelConfig
 from model.moe import logical_to_physical
@@ -296,7 +300,7 @@ class EPOptions:
     # normal mode's exchange: "ragged" (ragged_all_to_all; emulated with all_to_all on CPU), "padded"
     # (fixed blocks through all_to_all, custom_vjp pair), "auto": ragged on accelerators, padded on CPU
     exchange: Literal["auto", "ragged", "padded"] = "auto"
-    fp8: bool = False                          # low-latency FP8 payload
+    fp8: bool = False                          # low-latency FP8 payload (the experts' GEMMs follow cfg.fp8)
     max_tokens_per_rank: int | None = None     # low-latency buffer rows (default: tokens per rank)
 
 
@@ -305,10 +309,12 @@ def _token_axes(mesh) -> tuple[str, ...]:
 
 
 def ep_routed_experts(x: Float[Array, "N D"], topk_idx: Int[Array, "N k"], topk_weights: Float[Array, "N k"],
-                      w_gate, w_up, w_down, *, mesh=None, options: EPOptions = EPOptions()) -> Float[Array, "N D"]:
+                      w_gate, w_up, w_down, *, mesh=None, options: EPOptions = EPOptions(),
+                      fp8: bool = False) -> Float[Array, "N D"]:
     """Routed experts with E (physical) experts sharded over the mesh's `expert` axis.
 
-    Tokens are split over (data, expert); expert weights [E, ...] over `expert`.
+    Tokens are split over (data, expert); expert weights [E, ...] over `expert`. fp8: the local experts'
+    GEMMs in FP8 (V3 recipe, DeepGEMM's contiguous layout).
     """
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     sizes = dict(mesh.shape)
@@ -333,16 +339,16 @@ def ep_routed_experts(x: Float[Array, "N D"], topk_idx: Int[Array, "N k"], topk_
     def local(x, idx, w, wg, wu, wd):
         if options.mode == "normal" and exchange == "ragged":
             recv_x, recv_idx, recv_w, handle = ragged_dispatch(x, idx, w, E, native=native)
-            return ragged_combine(moe_lib.grouped_experts(recv_x, recv_idx, recv_w, wg, wu, wd), handle)
+            return ragged_combine(moe_lib.grouped_experts(recv_x, recv_idx, recv_w, wg, wu, wd, fp8=fp8), handle)
         if options.mode == "normal":
             recv_x, recv_idx, recv_w, _, handle = dispatch(x, idx, w, E)
             R_, n, D = recv_x.shape
             y = moe_lib.grouped_experts(recv_x.reshape(R_ * n, D), recv_idx.reshape(R_ * n, -1),
-                                        recv_w.reshape(R_ * n, -1), wg, wu, wd)
+                                        recv_w.reshape(R_ * n, -1), wg, wu, wd, fp8=fp8)
             return combine(y.reshape(R_, n, D), handle)
         M = options.max_tokens_per_rank or x.shape[0]
         packed, _, handle = low_latency_dispatch(x, idx, M, E, fp8=options.fp8)
-        y = _dense_local_experts(packed, wg, wu, wd)
+        y = (fp8_lib.batched_swiglu if fp8 else _dense_local_experts)(packed, wg, wu, wd)
         return low_latency_combine(y, w, handle)
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, weights, weights, weights),
@@ -367,7 +373,7 @@ def ep_moe(p: moe_lib.MoE, x: Float[Array, "N D"], r: moe_lib.Routing, cfg: Mode
         phy2log, log2phy, logcnt = (jnp.asarray(a) for a in placement)
         wg, wu, wd = wg[phy2log], wu[phy2log], wd[phy2log]
         idx = logical_to_physical(idx, log2phy, logcnt, jnp.arange(idx.shape[0]))
-    return ep_routed_experts(x, idx, r.weights, wg, wu, wd, mesh=mesh, options=options)
+    return ep_routed_experts(x, idx, r.weights, wg, wu, wd, mesh=mesh, options=options, fp8=cfg.fp8)
 
 
 _OPTIONS = EPOptions()

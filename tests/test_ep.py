@@ -83,12 +83,12 @@ def _placement(ranks, seed=0):
     return pl.phy2log[0], pl.log2phy[0], pl.logcnt[0]
 
 
-def _routed(layer, x, mesh, options, placement):
+def _routed(layer, x, mesh, options, placement, cfg=CFG):
     logits = jnp.einsum("nd,de->ne", x, layer.router[...])
-    r = route(logits, layer.bias[...], CFG)
+    r = route(logits, layer.bias[...], cfg)
     if mesh is None:
-        return routed_experts(layer, x, r, CFG)
-    return sharding.ep_moe(layer, x, r, CFG, mesh=mesh, options=options, placement=placement)
+        return routed_experts(layer, x, r, cfg)
+    return sharding.ep_moe(layer, x, r, cfg, mesh=mesh, options=options, placement=placement)
 
 
 CASES = ([("normal", r, red) for r in (2, 4, 8) for red in (False, True)]
@@ -130,6 +130,53 @@ def test_low_latency_fp8_payload_within_quantisation_error(report):
     err = rel_err(fp8, ref)
     report(f"EP low-latency FP8 payload (e4m3, 1x128 scales) vs bf16-free reference: relative error {err:.2e}")
     assert 1e-4 < err < 0.05          # really quantised, and within e4m3's ~2^-4 relative step
+
+
+FP8_CFG = CFG.replace(d_model=128, moe_ffn_dim=32, fp8=True)      # D: one 128-wide FP8 tile
+
+
+@pytest.fixture(scope="module")
+def fp8_case():
+    """A layer, inputs, cotangent and the single-device FP8 experts' output and gradients."""
+    layer = MoE(FP8_CFG, rngs=nnx.Rngs(0))
+    layer.bias.set_value(0.05 * jax.random.normal(jax.random.key(9), (E,)))
+    x = jax.random.normal(jax.random.key(3), (8 * 6, FP8_CFG.d_model))
+    cot = jax.random.normal(jax.random.key(4), x.shape)
+    return layer, x, cot, _fp8_out_and_grads(layer, x, cot, None, None)
+
+
+def _fp8_out_and_grads(layer, x, cot, mesh, options):
+    def loss(layer, x):
+        out = _routed(layer, x, mesh, options, None, FP8_CFG)
+        return jnp.sum(out * cot), out
+    (_, out), grads = jax.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(layer, x)
+    return out, grads
+
+
+@pytest.mark.parametrize("mode", ["normal", "ragged", "ll"])
+def test_ep_fp8_experts_equal_single_device_fp8(mode, fp8_case):
+    """cfg.fp8 puts every rank's local experts on the grouped FP8 GEMMs (model.fp8.grouped_swiglu).
+
+    On 8 ranks (data=1) every expert's copies reach one rank in the single-device order, and at 48
+    tokens they fill one 128-row tile either way (low latency: with zero rows between, which change no
+    tile's amax), so every GEMM sees the same e4m3 operands and scales as `grouped_experts(fp8=True)`;
+    only float32 summation order differs (combine, the sum over the k experts): relative error ~1e-7
+    (eps 6e-8 times a few terms), bound 1e-6. FP8 really runs: the output moves off full precision by
+    e4m3's ~5% (test_fp8_linear's bound); we require > 1e-2.
+    """
+    layer, x, cot, (want, want_grads) = fp8_case
+    mesh = _mesh(8)
+    got, got_grads = _fp8_out_and_grads(layer, x, cot, mesh, OPTIONS[mode])
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got_grads[1], want_grads[1]) < 1e-6                              # d/dx
+    for name in ("router", "w_gate", "w_up", "w_down"):
+        assert rel_err(getattr(got_grads[0], name)[...], getattr(want_grads[0], name)[...]) < 1e-6, name
+    full = jax.jit(lambda l, x: _routed(l, x, mesh, OPTIONS[mode], None, FP8_CFG.replace(fp8=False)))(layer, x)
+    assert rel_err(got, full) > 1e-2
+    if mode == "ll":    # an e4m3 payload (1x128 tiles, amax/448 scales) re-quantises to itself in Fprop
+        payload = EPOptions("low_latency", fp8=True)
+        got = jax.jit(lambda l, x: _routed(l, x, mesh, payload, None, FP8_CFG))(layer, x)
+        assert rel_err(got, want) < 1e-6
 
 
 def test_model_uses_ep_under_an_expert_mesh():

@@ -565,10 +565,12 @@ def flash_mla_reference(
     qg = q.astype(compute_dtype).reshape(batch, s_q, h_kv, g, d)
     s = jnp.einsum("bqhgd,bthd->bhgqt", qg, kv) * softmax_scale           # [B, Hkv, G, Sq, T]
     s = jnp.where(seen[:, None, None], s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)                                    # [B, Hkv, G, Sq]
-    empty = jnp.isneginf(lse)
-    p = jnp.exp(s - jnp.where(empty, 0.0, lse)[..., None])
-    out = jnp.einsum("bhgqt,bthv->bqhgv", p, kv[..., :head_dim_v])       # [B, Sq, Hkv, G, Dv]
-    out = out.reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
-    lse = jnp.where(empty, jnp.inf, lse).reshape(batch, h_q, s_q)
-    return out, lse
+    m = jnp.max(s, axis=-1, keepdims=True)                                # [B, Hkv, G, Sq, 1]
+    empty = jnp.isneginf(m)                                               # nothing to attend to
+    p = jnp.exp(s - jnp.where(empty, 0.0, m))                             # masked: exp(-inf) = 0
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bhgqt,bthv->bqhgv", p, kv[..., :head_dim_v])       # [B, Sq, Hkv, G, Dv], unnormalised
+    scale = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, total))     # out = 0 for an empty sequence
+    out = (out * jnp.moveaxis(scale[..., 0], 3, 1)[..., None]).reshape(batch, s_q, h_q, head_dim_v)
+    lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, total)))[..., 0]
+    return out.astype(q.dtype), lse.reshape(batch, h_q, s_q)

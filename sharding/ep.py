@@ -248,6 +248,37 @@ class LowLatencyHandle:
 jax.tree_util.register_dataclass(LowLatencyHandle, data_fields=["topk_idx"], meta_fields=["num_tokens"])
 
 
+def _send_rows(xp: Float[Array, "M D"], hit: Bool[Array, "R El M"], axis: str) -> Float[Array, "R El M D"]:
+    """Row m to each (rank, local expert) it hits; the result's block s came from rank s (zeros elsewhere)."""
+    return _exchange(jnp.where(hit[..., None], xp[None, None], 0), axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _send_fp8(xp: Float[Array, "M D"], hit: Bool[Array, "R El M"], axis: str) -> Float[Array, "R El M D"]:
+    """`_send_rows` with an e4m3 payload (1x128 scales), dequantised on arrival. Its backward is the
+    full-precision send's (the gradients travel back unquantised, as DeepEP's combine carries them):
+    differentiating through the cast and the amax scale would give the quantiser's derivative, not x's."""
+    R, El, M = hit.shape
+    q, scale = quantize_1x128(xp)
+    send_q = jnp.where(hit[..., None], q[None, None], jnp.zeros((), q.dtype))
+    send_s = jnp.where(hit[..., None], scale[None, None], 0)
+    recv = jax.vmap(dequantize_1x128)(_exchange(send_q, axis).reshape(R * El, M, -1),
+                                     _exchange(send_s, axis).reshape(R * El, M, -1))
+    return recv.reshape(R, El, M, -1).astype(xp.dtype)
+
+
+def _send_fp8_fwd(xp, hit, axis):
+    return _send_fp8(xp, hit, axis), (hit, jnp.zeros((0,), xp.dtype))
+
+
+def _send_fp8_bwd(axis, res, g):
+    hit, like = res
+    return jnp.sum(jnp.where(hit[..., None], _exchange(g, axis), 0), axis=(0, 1)).astype(like.dtype), None
+
+
+_send_fp8.defvjp(_send_fp8_fwd, _send_fp8_bwd)
+
+
 def low_latency_dispatch(x: Float[Array, "n D"], topk_idx: Int[Array, "n k"], max_tokens_per_rank: int,
                          num_experts: int, *, fp8: bool = False, axis: str = AXIS):
     """Returns packed_recv_x [El, R*M, D] (token t of rank s at row s*M + t), counts [El], handle."""
@@ -259,15 +290,7 @@ def low_latency_dispatch(x: Float[Array, "n D"], topk_idx: Int[Array, "n k"], ma
     hit = jnp.any(topk_idx[:, :, None] == jnp.arange(num_experts), axis=1)                 # [n, E]
     hit = jnp.pad(hit, ((0, M - n), (0, 0))).T.reshape(R, local, M)                        # [R, El, M]
     xp = jnp.pad(x, ((0, M - n), (0, 0)))
-    if fp8:
-        q, scale = quantize_1x128(xp)
-        send_q = jnp.where(hit[..., None], q[None, None], jnp.zeros((), q.dtype))
-        send_s = jnp.where(hit[..., None], scale[None, None], 0)
-        recv = jax.vmap(dequantize_1x128)(_exchange(send_q, axis).reshape(R * local, M, D),
-                                         _exchange(send_s, axis).reshape(R * local, M, -1))
-        recv = recv.reshape(R, local, M, D).astype(x.dtype)
-    else:
-        recv = _exchange(jnp.where(hit[..., None], xp[None, None], 0), axis)                # [R(src), El, M, D]
+    recv = (_send_fp8 if fp8 else _send_rows)(xp, hit, axis)                                 # [R(src), El, M, D]
     counts = jnp.sum(_exchange(hit, axis), axis=(0, 2))
     packed = recv.transpose(1, 0, 2, 3).reshape(local, R * M, D)
     return packed, counts.astype(jnp.int32), LowLatencyHandle(topk_idx, n)

@@ -130,6 +130,20 @@ def test_low_latency_fp8_payload_within_quantisation_error(report):
     err = rel_err(fp8, ref)
     report(f"EP low-latency FP8 payload (e4m3, 1x128 scales) vs bf16-free reference: relative error {err:.2e}")
     assert 1e-4 < err < 0.05          # really quantised, and within e4m3's ~2^-4 relative step
+    # Gradients travel back unquantised (straight through the cast, DeepEP's bf16 combine): d/dx and the
+    # weight gradients are the full-precision ones at the dequantised inputs, so within the same bound
+    # (differentiating the cast and amax scale instead gave d/dx off by 116%).
+    cot = jax.random.normal(jax.random.key(6), x.shape)
+
+    def grads(m, options):
+        loss = lambda l, x: jnp.sum(_routed(l, x, m, options, None) * cot)  # noqa: E731
+        return jax.jit(nnx.grad(loss, argnums=(0, 1)))(layer, x)
+    want, got = grads(None, None), grads(mesh, EPOptions("low_latency", fp8=True))
+    errs = {"x": rel_err(got[1], want[1])}
+    errs.update({n: rel_err(getattr(got[0], n)[...], getattr(want[0], n)[...]) for n in ("router", "w_gate", "w_up", "w_down")})
+    report("EP low-latency FP8 payload gradients vs reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    for name, e in errs.items():
+        assert e < 0.05, name
 
 
 FP8_CFG = CFG.replace(d_model=128, moe_ffn_dim=32, fp8=True)      # D: one 128-wide FP8 tile

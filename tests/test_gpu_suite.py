@@ -1,5 +1,6 @@
 """The GPU suite's CPU dry run: every registered kernel entry, interpreted on tiny shapes."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,3 +76,18 @@ def test_cuda_fault_continues_in_a_fresh_process(monkeypatch, tmp_path):
     rows = gpu_suite.main(argv[3:])
     assert [r["name"] for r in rows] == ["first", "faulty", "after"]
     assert rows[1]["note"].startswith("FAILED") and rows[2]["note"] == "second process"
+
+
+def test_busy_time_is_the_union_of_kernel_spans():
+    assert gpu_suite.busy_ns([]) == 0
+    assert gpu_suite.busy_ns([(0, 10), (20, 25)]) == 15                       # a gap between kernels is idle
+    assert gpu_suite.busy_ns([(0, 10), (5, 12), (12, 13), (2, 3)]) == 13     # overlaps and duplicates once
+    assert gpu_suite.busy_ns([(30, 40), (0, 10), (0, 10)]) == 20              # order-free
+
+
+def test_time_fn_without_a_gpu_times_the_wall_clock():
+    gpu_suite.CLOCKS.clear()
+    f = jax.jit(lambda x: x * 2)
+    assert gpu_suite.device_seconds(f, jnp.ones(4)) is None                   # no GPU plane on CPU
+    assert gpu_suite.time_fn(f, jnp.ones(4), repeat=3) > 0
+    assert gpu_suite.CLOCKS == {"wall"} and "wall time" in gpu_suite._clock_text()

@@ -206,3 +206,7 @@ for _m, _config in ((4096, fg.TuningConfig(block_m=128, block_n=128, max_concurr
                     (128, fg.TuningConfig(block_m=128, block_n=64, max_concurrent_steps=4)),
                     (128, fg.TuningConfig(block_m=64, block_n=128, max_concurrent_steps=4))):
     _dense(_m, 7168, 16384, _config)
+# Small M: narrow N tiles for more CTAs (at block_n 64, M=64 x N=2112 is 33 CTAs on 132 SMs;
+# DeepGEMM picks block_n so the tile count fills the SMs).
+for _n, _k, _bn in ((2112, 7168, 16), (2112, 7168, 32), (7168, 16384, 32)):
+    _dense(64, _n, _k, fg.TuningConfig(block_m=64, block_n=_bn, max_concurrent_steps=6))

@@ -50,15 +50,17 @@ FP8 = jnp.float8_e4m3fn
 class TuningConfig:
     block_m: int = 128               # 64: one warpgroup computes and loads; 128: two compute
                                      # warpgroups of 64 rows + a TMA producer warpgroup
-    block_n: int = 128               # 64 or 128, so one B scale per K step
+    block_n: int = 128               # 16, 32, 64 or 128: a divisor of 128, so one B scale per K
+                                     # step; the narrow ones give small-M GEMMs more CTAs
     max_concurrent_steps: int = 4    # TMA pipeline depth over K
 
     def __post_init__(self):
         if self.block_m not in (64, 128):
             raise ValueError(f"{self.block_m=} must be 64 or 128 (64 rows per compute "
                              "warpgroup: a 128-row accumulator would need 256 registers/thread)")
-        if self.block_n not in (64, 128):
-            raise ValueError(f"{self.block_n=} must be 64 or 128 (one B scale per K step)")
+        if self.block_n not in (16, 32, 64, 128):
+            raise ValueError(f"{self.block_n=} must be 16, 32, 64 or 128 (a divisor of 128: one B scale "
+                             "per K step)")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"{self.max_concurrent_steps=} must be >= 1")
 

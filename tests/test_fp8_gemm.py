@@ -61,6 +61,8 @@ def check(out, ref64, absprod64, out_dtype, what):
 @pytest.mark.parametrize("out_dtype,config", [
     (jnp.bfloat16, None),                                        # heuristic: block_n 64, 6 stages
     (jnp.float32, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=2)),  # warp spec.
+    (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=32, max_concurrent_steps=3)),   # narrow N tiles
+    (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=16, max_concurrent_steps=3)),
 ])
 def test_dense_matches_float64(out_dtype, config, report):
     m, n, k = 100, 256, 384                   # m pads to 128: two row tiles; 3 K steps
@@ -185,8 +187,10 @@ def test_errors():
         fg.m_grouped_fp8_gemm_nt_masked((a[None], sa[None]), (b3, sb3), jnp.array([1, 2]), 1)
     with pytest.raises(ValueError, match="must be 64 or 128"):
         fg.TuningConfig(block_m=256)
-    with pytest.raises(ValueError, match="64 or 128"):
+    with pytest.raises(ValueError, match="16, 32, 64 or 128"):
         fg.TuningConfig(block_n=256)
+    with pytest.raises(ValueError, match="divisor of 128"):
+        fg.TuningConfig(block_n=48)
 
 
 def test_contiguous_misaligned_under_jit_is_nan_not_wrong():
@@ -216,6 +220,10 @@ VARIANTS = {
                                                                   config=fg.TuningConfig()),
     "dense_64x128": lambda a, sa, b, sb: fg.fp8_gemm_nt(
         (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=128)),
+    "dense_64x16": lambda a, sa, b, sb: fg.fp8_gemm_nt(
+        (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=16, max_concurrent_steps=6)),
+    "dense_64x32": lambda a, sa, b, sb: fg.fp8_gemm_nt(
+        (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=32, max_concurrent_steps=6)),
     "dense_f32_padded_m": lambda a, sa, b, sb: fg.fp8_gemm_nt((a[:40], sa[:40]), (b, sb),
                                                               out_dtype=jnp.float32),
     "contiguous": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_contiguous(

@@ -43,24 +43,35 @@ class Ceilings:
     fp8_tflops: float
 
 
-CLOCKS: set[str] = set()            # which clocks time_fn used in this process: "device", "wall"
+CLOCKS: set[str] = set()            # which clocks the timings used in this process: "device", "wall"
+MARK = "orcinus-timing:"            # host trace annotations delimiting each timed function's calls
 
 
 def time_fn(f, *args, repeat: int = 10, warmup: int = 2) -> float:
-    """Seconds of one call after warm-up (compilation) calls: the GPU's busy time per call when a
-    profiler trace shows it (`device_seconds`), else the median wall time of a blocking call."""
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    busy = device_seconds(f, *args, repeat=repeat)
+    """Seconds of one call of f (see `time_all`)."""
+    return time_all({"f": (f, args)}, repeat=repeat, warmup=warmup)["f"]
+
+
+def time_all(calls: dict, repeat: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Seconds of one call of each {name: (f, args)} after warm-up (compilation) calls: the GPU's busy
+    time per call when a profiler trace shows it (`device_seconds`, one trace for all of them), else
+    the median wall time of a blocking call."""
+    for f, args in calls.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f(*args))
+    busy = device_seconds(calls, repeat=repeat)
     CLOCKS.add("device" if busy is not None else "wall")
     if busy is not None:
         return busy
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    result = {}
+    for name, (f, args) in calls.items():
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times.append(time.perf_counter() - start)
+        result[name] = float(np.median(times))
+    return result
 
 
 def busy_ns(intervals) -> float:
@@ -74,36 +85,50 @@ def busy_ns(intervals) -> float:
     return total
 
 
-def device_seconds(f, *args, repeat: int = 10) -> float | None:
-    """The first GPU's busy time per call over `repeat` back-to-back calls, from a jax.profiler trace
-    (device kernel spans, as DeepGEMM's and FlashMLA's own benchmarks time with CUPTI): host dispatch
-    and the blocking round trip, tens of microseconds that dwarf a small kernel, stay out. None when
-    the trace has no GPU plane (CPU, or no CUPTI on the machine)."""
+def busy_in_windows(windows: dict, spans) -> dict:
+    """{name: busy ns of the spans that start inside that name's [start, end) window}."""
+    return {name: busy_ns([s for s in spans if lo <= s[0] < hi]) for name, (lo, hi) in windows.items()}
+
+
+def device_seconds(calls: dict, repeat: int = 10) -> dict[str, float] | None:
+    """The first GPU's busy time per call of each {name: (f, args)}, from one jax.profiler trace: each
+    function's `repeat` back-to-back calls run (and are waited for) inside a host annotation, and the
+    device kernel spans that start in that window are its own (as DeepGEMM's and FlashMLA's own
+    benchmarks time with CUPTI). Host dispatch and the blocking round trip, tens of microseconds
+    that dwarf a small kernel, stay out. None when the trace has no GPU plane (CPU, no CUPTI) or a
+    function's window holds no kernel."""
     if jax.default_backend() != "gpu":
         return None
     try:
         with tempfile.TemporaryDirectory() as d:
             jax.profiler.start_trace(d)
             try:
-                out = [f(*args) for _ in range(repeat)]
-                jax.block_until_ready(out)
+                for name, (f, args) in calls.items():
+                    with jax.profiler.TraceAnnotation(MARK + name):
+                        jax.block_until_ready([f(*args) for _ in range(repeat)])
             finally:
                 jax.profiler.stop_trace()
             traces = sorted(pathlib.Path(d).rglob("*.xplane.pb"))
             if not traces:
                 return None
             data = jax.profiler.ProfileData.from_file(str(traces[-1]))
-            gpus = sorted((p for p in data.planes if p.name.startswith("/device:GPU:")), key=lambda p: p.name)
-            if not gpus:
+            planes = list(data.planes)
+            windows = {e.name[len(MARK):]: (e.start_ns, e.start_ns + e.duration_ns)
+                       for p in planes if p.name.startswith("/host:") for line in p.lines for e in line.events
+                       if e.name.startswith(MARK)}
+            gpus = sorted((p for p in planes if p.name.startswith("/device:GPU:")), key=lambda p: p.name)
+            if not gpus or set(windows) != set(calls):
                 return None
             lines = list(gpus[0].lines)
             streams = [line for line in lines if line.name.startswith("Stream")] or lines
-            spans = [(e.start_ns, e.start_ns + e.duration_ns) for line in streams for e in line.events]
-            busy = busy_ns(spans)
+            busy = busy_in_windows(windows, [(e.start_ns, e.start_ns + e.duration_ns)
+                                             for line in streams for e in line.events])
     except Exception as exc:                                       # profiler unavailable: wall time instead
         print(f"device timing unavailable ({type(exc).__name__}: {exc}); timing wall clock", flush=True)
         return None
-    return busy / repeat / 1e9 if busy > 0 else None
+    if not all(v > 0 for v in busy.values()):
+        return None
+    return {name: v / repeat / 1e9 for name, v in busy.items()}
 
 
 def measure_ceilings(dry: bool, repeat: int) -> Ceilings:
@@ -134,7 +159,9 @@ def run_entry(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat
         if dry:
             row["note"] = "dry run: interpreted, not timed"
             return row
-        t = time_fn(kernel, *args, repeat=repeat)
+        times = time_all({"kernel": (kernel, args)}
+                         | {name: (jax.jit(fn), args) for name, fn in entry.baselines.items()}, repeat=repeat)
+        t = times.pop("kernel")
         row["kernel_ms"] = t * 1e3
         row["tflops"] = entry.flops(*args) / t / 1e12
         row["gbs"] = entry.bytes(*args) / t / 1e9
@@ -142,7 +169,7 @@ def run_entry(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat
             row["roof"] = row["gbs"] / ceilings.copy_gbs
         else:
             row["roof"] = row["tflops"] / (ceilings.fp8_tflops if entry.peak == "fp8" else ceilings.bf16_tflops)
-        baseline_times = {name: time_fn(jax.jit(fn), *args, repeat=repeat) for name, fn in entry.baselines.items()}
+        baseline_times = times
         if baseline_times:
             best = min(baseline_times, key=baseline_times.get)
             row["vs_xla"] = baseline_times[best] / t

@@ -85,9 +85,17 @@ def test_busy_time_is_the_union_of_kernel_spans():
     assert gpu_suite.busy_ns([(30, 40), (0, 10), (0, 10)]) == 20              # order-free
 
 
+def test_kernel_spans_are_attributed_to_their_function_window():
+    windows = {"kernel": (100, 200), "xla": (200, 400)}
+    spans = [(110, 150), (140, 160), (195, 205), (210, 260), (300, 320), (450, 460)]
+    assert gpu_suite.busy_in_windows(windows, spans) == {"kernel": 60, "xla": 70}   # by start; 450 is outside
+
+
 def test_time_fn_without_a_gpu_times_the_wall_clock():
     gpu_suite.CLOCKS.clear()
     f = jax.jit(lambda x: x * 2)
-    assert gpu_suite.device_seconds(f, jnp.ones(4)) is None                   # no GPU plane on CPU
+    assert gpu_suite.device_seconds({"f": (f, (jnp.ones(4),))}) is None      # no GPU plane on CPU
     assert gpu_suite.time_fn(f, jnp.ones(4), repeat=3) > 0
+    times = gpu_suite.time_all({"a": (f, (jnp.ones(4),)), "b": (f, (jnp.ones(8),))}, repeat=3)
+    assert set(times) == {"a", "b"} and min(times.values()) > 0
     assert gpu_suite.CLOCKS == {"wall"} and "wall time" in gpu_suite._clock_text()

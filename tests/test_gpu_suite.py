@@ -1,5 +1,7 @@
 """The GPU suite's CPU dry run: every registered kernel entry, interpreted on tiny shapes."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,31 @@ def test_time_fn_without_a_gpu_times_the_wall_clock():
     times = gpu_suite.time_all({"a": (f, (jnp.ones(4),)), "b": (f, (jnp.ones(8),))}, repeat=3)
     assert set(times) == {"a", "b"} and min(times.values()) > 0
     assert gpu_suite.CLOCKS == {"wall"} and "wall time" in gpu_suite._clock_text()
+
+
+def test_device_seconds_reads_gpu_kernel_spans_from_the_trace(monkeypatch):
+    """The GPU branch end to end on a stand-in trace: each function's share is the union of the
+    kernel spans (on the GPU plane's stream lines) that start inside its host annotation."""
+    from types import SimpleNamespace as NS
+
+    calls = {"kernel": (lambda: None, ()), "xla": (lambda: None, ())}
+    mark = gpu_suite.MARK
+    host = NS(name="/host:CPU", lines=[NS(name="python", events=[
+        NS(name=mark + "kernel", start_ns=1000.0, duration_ns=1000.0),
+        NS(name=mark + "xla", start_ns=2000.0, duration_ns=1000.0),
+        NS(name="other", start_ns=0.0, duration_ns=5000.0)])])
+    gpu = NS(name="/device:GPU:0", lines=[
+        NS(name="Stream #7(Compute)", events=[NS(name="k", start_ns=1100.0, duration_ns=100.0),
+                                               NS(name="k", start_ns=1150.0, duration_ns=100.0),
+                                               NS(name="x", start_ns=2100.0, duration_ns=300.0)]),
+        NS(name="XLA Modules", events=[NS(name="m", start_ns=1000.0, duration_ns=3000.0)])])   # derived: ignored
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda d: open(f"{d}/t.xplane.pb", "wb").close())
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: None)
+    monkeypatch.setattr(jax.profiler, "TraceAnnotation", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: x)
+    monkeypatch.setattr(jax.profiler.ProfileData, "from_file", staticmethod(lambda path: NS(planes=[host, gpu])))
+    got = gpu_suite.device_seconds(calls, repeat=2)
+    assert got == pytest.approx({"kernel": 150e-9 / 2, "xla": 300e-9 / 2})
+    gpu.lines[0].events.pop()                                   # a window without a kernel: wall clock instead
+    assert gpu_suite.device_seconds(calls, repeat=2) is None

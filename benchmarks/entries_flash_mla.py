@@ -113,9 +113,11 @@ ENTRIES.append(register(KernelEntry(
     bound="memory", peak="bf16", quick=True,
 )))
 
-# Tuning sweep (unmeasured defaults until a GPU run): one page in flight, fewer SM parts.
+# Tuning sweep (unmeasured defaults until a GPU run): one page in flight, fewer SM parts, and
+# page pairs (each consumer computes S for one page of two and P is shared: 1/1.53 of the MMA work).
 for _s_k, _s_q, _name, _config in (
         (8192, 1, "num_slots=1", fm.TuningConfig(num_slots=1)),
+        *((s_k, s_q, "pair_pages", fm.TuningConfig(pair_pages=True)) for s_k in (4096, 32768) for s_q in (1, 2)),
         *((s_k, s_q, f"num_sm_parts={p}", fm.TuningConfig(num_sm_parts=p))
           for s_k in (4096, 32768) for s_q in (1, 2) for p in (33, 66))):
     ENTRIES.append(register(KernelEntry(

@@ -20,7 +20,12 @@ fused by XLA).
 
 Known costs of this first version (not yet measured on a GPU):
 - both consumer warpgroups compute the same S = Q K^T (FlashMLA shares P through SMEM
-  instead): ~1.5x the tensor-core work, which matters when compute-bound (h_q = 128, s_q = 2);
+  instead): ~1.5x the tensor-core work, which matters when compute-bound (h_q = 128, s_q = 2).
+  `TuningConfig(pair_pages=True)` shares it: pages go in pairs, warpgroup w computes S for
+  page 2j + w, the row maxima and then each page's P (one 8 KiB SMEM tile, written in turn)
+  pass between the warpgroups, and both multiply both pages' P by their V halves. It fits
+  the SMEM budget (231,496 of 232,448 bytes) only with 1 KiB of reduction scratch instead of
+  Pallas's default 2 KiB, and costs three barriers a pair; off until a GPU run measures it;
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel, so it saves cache memory but
@@ -62,6 +67,10 @@ class TuningConfig:
     block_m: int = 64           # query rows per CTA (one wgmma M tile)
     num_slots: int = 2          # pages in flight (SMEM ring)
     num_sm_parts: int = NUM_SMS  # CTAs the tile scheduler aims to fill
+    # Warpgroup w computes S only for page 2j + w of each pair and both multiply both pages' P
+    # (exchanged through one SMEM tile) by their V halves, as FlashMLA shares P: 1/1.53 of the
+    # tensor-core work of both computing every S (the default), for three barriers a pair.
+    pair_pages: bool = False
 
     def __post_init__(self):
         if self.block_m != 64:
@@ -70,6 +79,8 @@ class TuningConfig:
             raise ValueError(f"{self.num_slots=} must be 1 or 2 (SMEM holds Q and 2 pages)")
         if self.num_sm_parts < 1:
             raise ValueError(f"{self.num_sm_parts=} must be positive")
+        if self.pair_pages and self.num_slots != 2:
+            raise ValueError(f"pair_pages needs num_slots=2 (a pair of pages in flight), got {self.num_slots}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +94,7 @@ class _Static:
     causal: bool
     scale_log2: float     # softmax_scale * log2(e)
     slots: int
+    pairs: bool = False   # TuningConfig.pair_pages
 
 
 # ----------------------------------------------------------------------------- 2. kernel
@@ -112,7 +124,13 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
 
-    def main_loop(q_smem, lse_smem, k_smem, q_bar, k_bars, consumed_bars, done_bar):
+    def main_loop(q_smem, k_smem, *scratch):
+        # Swizzled buffers first. With st.pairs: the shared P tile; vec_smem [3, 64] holds the
+        # exchanged row statistics and then the lse row, and done_bar also the three exchange
+        # barriers (the SMEM budget has no room for separate allocations).
+        p_smem, scratch = (scratch[0], scratch[1:]) if st.pairs else (None, scratch)
+        vec_smem, q_bar, k_bars, consumed_bars, done_bar = scratch
+        lse_smem = vec_smem.at[2] if st.pairs else vec_smem
         # q_smem [D / 64, 64, 64] bf16 (Q in chunks); k_smem [slots, P, D] bf16.
         @pl.when(wg == 2)
         def _producer():
@@ -141,8 +159,9 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
         @pl.when(wg < 2)
         def _consumers():
             plgpu.set_max_registers(232, action="increase")
+            shared = (p_smem, vec_smem, done_bar) if st.pairs else ()
             o_acc, m_i, l_i = _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem,
-                                       q_bar, k_bars, consumed_bars)
+                                       q_bar, k_bars, consumed_bars, *shared)
             # Q's SMEM becomes the output tile: wait until both warpgroups are done with Q.
             plgpu.barrier_arrive(done_bar.at[0])
             plgpu.barrier_wait(done_bar.at[0])
@@ -152,19 +171,29 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
     pl.run_scoped(
         main_loop,
         plgpu.SMEM((D_QK // 64, 64, 64), jnp.bfloat16, transforms=(tiling, swizzle)),
-        plgpu.SMEM((64,), jnp.float32),
         plgpu.SMEM((st.slots, PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),
+        *([plgpu.SMEM((64, PAGE), jnp.bfloat16, transforms=(tiling, swizzle))] if st.pairs else []),
+        plgpu.SMEM((3, 64) if st.pairs else (64,), jnp.float32),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=st.slots),
         plgpu.Barrier(num_arrivals=2, num_barriers=st.slots),
-        plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        plgpu.Barrier(num_arrivals=2, num_barriers=4 if st.pairs else 1),
         collective_axes="wg",
     )
 
 
 def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
-             consumed_bars):
-    """Warpgroups 0/1: online softmax over the split's pages; returns this half's state."""
+             consumed_bars, p_smem=None, stats_smem=None, x_bars=None):
+    """Warpgroups 0/1: online softmax over the split's pages; returns this half's state.
+
+    st.pairs: pages go in pairs (2j, 2j + 1). Warpgroup w computes S for page 2j + w only; the
+    row maxima pass through stats_smem (barrier x_bars[1]) so both use the same m; warpgroup 0
+    then writes its P to p_smem (x_bars[2]), both multiply it by their V halves of page 2j and
+    sync (x_bars[3]) before warpgroup 1 writes its P there (x_bars[2]) for page 2j + 1. Each
+    sums l over its own pages; the sums are added, in one order, after the last page. An odd
+    last page runs the unpaired step, its l counted by warpgroup 0. A buffer is overwritten
+    only after a barrier that both pass after reading it.
+    """
     half = D_V // 2
     wgmma_layout = plgpu.Layout.WGMMA
     rows = plgpu.broadcasted_iota(jnp.int32, (64, PAGE), 0, layout=wgmma_layout)
@@ -182,61 +211,115 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     m_i = plgpu.layout_cast(jnp.full((64,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1))
     l_i = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), wgmma_layout.reduce(1))
 
-    def page_step(step, carry):
-        o_acc, m_i, l_i = carry
-        slot = lax.rem(step, jnp.int32(st.slots))
-        page_smem = k_smem.at[slot]                                   # [P, D]
-        plgpu.barrier_wait(k_bars.at[slot])
-
+    def scores(slot, page):
+        """S for one page of the split, scaled to log2 units, -inf where masked."""
         def qk(acc_ref):
             # Q sits in SMEM as 9 chunks of 64 x 64 (so that each chunk can later stage a
             # contiguous piece of the output); S accumulates over the 9 chunks of D.
             for c in range(D_QK // 64):
-                k_chunk = page_smem.at[:, pl.ds(c * 64, 64)]             # [P, 64]
+                k_chunk = k_smem.at[slot, :, pl.ds(c * 64, 64)]           # [P, 64]
                 plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_chunk, (1, 0)))
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((64, PAGE), jnp.float32))   # [64, P]
-        token0 = (first + step) * PAGE
-        valid = (token0 + cols) < limit
-        s = jnp.where(valid, s * st.scale_log2, -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)               # empty rows stay 0
-        alpha = jnp.exp2(m_i - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
+        return jnp.where(((first + page) * PAGE + cols) < limit, s * st.scale_log2, -jnp.inf)
 
+    def softmax_step(s, s_max, m_i):
+        """(m_new, alpha = the old state's rescale, P) for the new running maximum."""
+        m_new = jnp.maximum(m_i, s_max)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)               # empty rows stay 0
+        return m_new, jnp.exp2(m_i - m_use), jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+
+    def zero_tail(slot, page):
         # The tail of the last page may hold garbage (NaN in FlashMLA's tests); P is 0 there
         # but 0 * NaN is NaN, so this warpgroup zeroes the stale rows of its V half first.
-        n_valid = seqlen - token0
+        n_valid = seqlen - (first + page) * PAGE
 
         @pl.when(n_valid < PAGE)
-        def _zero_tail():
+        def _():
             for c in range(half // 64):
-                chunk = page_smem.at[:, pl.ds(wg * half + c * 64, 64)]  # [P, 64]
+                chunk = k_smem.at[slot, :, pl.ds(wg * half + c * 64, 64)]  # [P, 64]
                 x = chunk[...]                                          # WGMMA layout
                 chunk[...] = jnp.where(rows < n_valid, x, jnp.zeros_like(x))
             plgpu.commit_smem()
 
-        # PV in four 64-column pieces, each into a fresh accumulator that is then added: the
-        # GPU interpreter has no `run_state` (pre-initialised accumulators), and a 64-column
-        # piece keeps the running output plus one piece well under the register budget.
-        p16 = p.astype(jnp.bfloat16)
+    def times_v(o_acc, slot, alpha, p_lhs):
+        """o_acc (rescaled by alpha unless None) + P V_half of the page in `slot`. PV in four
+        64-column pieces, each into a fresh accumulator that is then added: the GPU interpreter
+        has no `run_state` (pre-initialised accumulators), and a 64-column piece keeps the
+        running output plus one piece well under the register budget."""
         pieces = []
         for c, o_c in enumerate(o_acc):
-            v_smem = page_smem.at[:, pl.ds(wg * half + c * QUARTER, QUARTER)]  # [P, 128]
+            v_smem = k_smem.at[slot, :, pl.ds(wg * half + c * QUARTER, QUARTER)]  # [P, 64]
 
             def pv(acc_ref, v_smem=v_smem):
-                plgpu.wgmma(acc_ref, p16, v_smem)
+                plgpu.wgmma(acc_ref, p_lhs, v_smem)
                 return acc_ref[...]
 
             piece = pl.run_scoped(pv, plgpu.ACC((64, QUARTER), jnp.float32))
-            pieces.append(o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]) + piece)
-        o_acc = tuple(pieces)
+            pieces.append((o_c if alpha is None else o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]))
+                          + piece)
+        return tuple(pieces)
+
+    def page_step(step, carry):
+        o_acc, m_i, l_i = carry
+        slot = lax.rem(step, jnp.int32(st.slots))
+        plgpu.barrier_wait(k_bars.at[slot])
+        s = scores(slot, step)
+        m_new, alpha, p = softmax_step(s, s.max(axis=1), m_i)
+        row_sum = p.sum(axis=1)
+        if st.pairs:                                                    # l is summed over both at the end
+            row_sum = jnp.where(wg == 0, row_sum, jnp.zeros_like(row_sum))
+        l_i = l_i * alpha + row_sum
+        zero_tail(slot, step)
+        o_acc = times_v(o_acc, slot, alpha, p.astype(jnp.bfloat16))    # P as the register LHS
         plgpu.barrier_arrive(consumed_bars.at[slot])
         return o_acc, m_new, l_i
 
-    return lax.fori_loop(0, steps, page_step, (o_acc, m_i, l_i))
+    if not st.pairs:
+        return lax.fori_loop(0, steps, page_step, (o_acc, m_i, l_i))
+
+    def sync(i):
+        plgpu.barrier_arrive(x_bars.at[i])
+        plgpu.barrier_wait(x_bars.at[i])
+
+    def pair_step(j, carry):
+        o_acc, m_i, l_i = carry
+        mine, slot_a, slot_b = 2 * j + wg, lax.rem(2 * j, st.slots), lax.rem(2 * j + 1, st.slots)
+        my_slot = lax.rem(mine, st.slots)
+        plgpu.barrier_wait(k_bars.at[my_slot])
+        s = scores(my_slot, mine)
+        stats_smem.at[wg][...] = s.max(axis=1)
+        sync(1)
+        s_max = jnp.maximum(_row_vector(stats_smem.at[0]), _row_vector(stats_smem.at[1]))
+        m_new, alpha, p = softmax_step(s, s_max, m_i)
+        l_i = l_i * alpha + p.sum(axis=1)
+        plgpu.barrier_wait(k_bars.at[lax.rem(2 * j + 1 - wg, st.slots)])   # the other page
+        zero_tail(slot_a, 2 * j)                                        # both S are done (x_bars[1])
+        zero_tail(slot_b, 2 * j + 1)
+        for owner, slot, scale in ((0, slot_a, alpha), (1, slot_b, None)):
+            @pl.when(wg == owner)
+            def _():
+                p_smem[...] = p.astype(jnp.bfloat16)
+            plgpu.commit_smem()                                         # P is read by wgmma
+            sync(2)
+            o_acc = times_v(o_acc, slot, scale, p_smem)
+            if owner == 0:
+                sync(3)                                                 # both done with P of page 2j
+        plgpu.barrier_arrive(consumed_bars.at[slot_a])
+        plgpu.barrier_arrive(consumed_bars.at[slot_b])
+        return o_acc, m_new, l_i
+
+    carry = lax.fori_loop(0, steps // 2, pair_step, (o_acc, m_i, l_i))
+    o_acc, m_i, l_i = lax.fori_loop(steps // 2 * 2, steps, page_step, carry)
+    stats_smem.at[wg][...] = l_i                                        # l over both warpgroups' pages
+    sync(1)
+    return o_acc, m_i, _row_vector(stats_smem.at[0]) + _row_vector(stats_smem.at[1])
+
+
+def _row_vector(ref):
+    """A [64] SMEM vector as a per-row value of a WGMMA tile."""
+    return plgpu.layout_cast(ref[...], plgpu.Layout.WGMMA.reduce(1))
 
 
 def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
@@ -423,7 +506,8 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     n_table = block_table.shape[1]
     metadata = jnp.clip(metadata.astype(jnp.int32), 0, n_table)
     st = _Static(s_q=s_q, heads_per_kv=g, rows=rows, h_kv=h_kv, causal=causal,
-                 scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots)
+                 scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots,
+                 pairs=config.pair_pages)
     rp = m_tiles * 64
     kernel = plgpu.kernel(
         functools.partial(_kernel, st),
@@ -433,7 +517,10 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
         grid_names=("m", "split", "bh"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # pair_pages needs 1 KiB of the 2 KiB that Pallas reserves by default for cross-warp
+        # reductions; this kernel's reductions are over WGMMA rows, within a warp.
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, **(dict(reduction_scratch_bytes=1024) if config.pair_pages else {})),
         **_interpret_kwargs(interpret),
     )
     with _interpret_shims(interpret):

@@ -26,12 +26,17 @@ class Case:
     causal: bool
     fp8: bool = False
     num_sm_parts: int = 4        # few simulated SMs: a handful of CTAs, 2 splits for b = 2
+    pairs: bool = False          # TuningConfig.pair_pages
 
 
 CASES = [
     Case("varlen_empty_sq1_h16", (100, 0, 37), s_q=1, h_q=16, causal=False, num_sm_parts=6),
     Case("causal_sq2_h64", (65, 130), s_q=2, h_q=64, causal=True, num_sm_parts=4),
     Case("fp8_sq1_h16", (70, 128), s_q=1, h_q=16, causal=False, fp8=True, num_sm_parts=4),
+    # page pairs: even and odd page counts per split, an empty sequence, s_q = 2 causal
+    Case("pairs_varlen_empty_sq1_h16", (300, 0, 37, 130), s_q=1, h_q=16, causal=False, num_sm_parts=6,
+         pairs=True),
+    Case("pairs_causal_sq2_h64", (65, 200), s_q=2, h_q=64, causal=True, num_sm_parts=3, pairs=True),
 ]
 
 
@@ -106,7 +111,7 @@ def check(name, out, lse, out_gt, lse_gt):
 
 
 def run_kernel(case, args, interpret=True):
-    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts)
+    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs)
     return fm.flash_mla_with_kvcache(*args, causal=case.causal, interpret=interpret,
                                      config=config)
 
@@ -125,21 +130,23 @@ def test_kernel_interpreted_vs_float64(case, report):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_lowers_for_cuda(case):
     args, _, _ = make_case(case)
-    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts)
+    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs)
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=case.causal, config=config)
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["default", "pair_pages"])
 @pytest.mark.parametrize("s_q", [1, 2])
-def test_benchmark_shapes_lower_for_cuda(s_q):
+def test_benchmark_shapes_lower_for_cuda(s_q, pairs):
     """FlashMLA's benchmark shape (b = 128, s_k = 32768, h_q = 128) with 132 SMs, abstractly."""
     b, pages = 128, 32768 // fm.PAGE
     args = (jax.ShapeDtypeStruct((b, s_q, 128, fm.D_QK), jnp.bfloat16),
             jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.D_QK), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, pages), jnp.int32),
             jax.ShapeDtypeStruct((b,), jnp.int32))
-    fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=s_q > 1)
+    config = fm.TuningConfig(pair_pages=pairs)
+    fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=s_q > 1, config=config)
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
 
@@ -204,6 +211,8 @@ def test_tuning_config_rejects_bad_blocks():
         fm.TuningConfig(block_m=128)
     with pytest.raises(ValueError, match="num_slots"):
         fm.TuningConfig(num_slots=3)
+    with pytest.raises(ValueError, match="pair_pages needs num_slots=2"):
+        fm.TuningConfig(num_slots=1, pair_pages=True)
 
 
 def test_benchmark_entries_dry_run():
@@ -318,10 +327,12 @@ def test_interpret_shim_reinstalled_after_the_wgmma_callback_is_swapped():
     check(RING.name, out, lse, *ground_truth(args[0], values, table, args[3], RING.causal))
 
 
-def test_barrier_protocol_under_random_delays(monkeypatch):
+@pytest.mark.parametrize("pairs", [False, True], ids=["default", "pair_pages"])
+def test_barrier_protocol_under_random_delays(monkeypatch, pairs):
     """Every barrier wait has its arrivals in any interleaving: random sleeps around the
     interpreter's barrier arrive/wait (TMA completions arrive through the same method) must
-    neither hang nor trip its phase checks. A hang here is caught by a watchdog."""
+    neither hang nor trip its phase checks. A hang here is caught by a watchdog. With
+    pair_pages the two consumers also exchange row maxima and P through SMEM every pair."""
     import random
     import threading
     import time
@@ -346,12 +357,13 @@ def test_barrier_protocol_under_random_delays(monkeypatch):
 
     monkeypatch.setattr(shared_memory.Barrier, "wait", slow_wait)
     monkeypatch.setattr(shared_memory.Barrier, "arrive", slow_arrive)
-    args, values, table = make_case(RING)
+    ring = dataclasses.replace(RING, pairs=pairs)
+    args, values, table = make_case(ring)
     result = []
-    worker = threading.Thread(target=lambda: result.append(jax.block_until_ready(run_kernel(RING, args))), daemon=True)
+    worker = threading.Thread(target=lambda: result.append(jax.block_until_ready(run_kernel(ring, args))), daemon=True)
     worker.start()
     worker.join(timeout=120)
     assert not worker.is_alive(), "interpreted kernel hung under barrier delays"
     assert result, "interpreted kernel raised (see the captured output)"
-    check(RING.name + " delayed", *result[0],
-          *ground_truth(args[0], values, table, args[3], RING.causal))
+    check(ring.name + " delayed", *result[0],
+          *ground_truth(args[0], values, table, args[3], ring.causal))

@@ -24,19 +24,21 @@ from pallas_kernels import fp8_gemm, fp8_quant
 BLOCK = 128
 
 
-def _pad_cols(x: Array) -> Array:
-    return jnp.pad(x, ((0, 0), (0, -x.shape[1] % BLOCK)))
+def _pad_axis(x: Array, axis: int) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, -x.shape[axis] % BLOCK)
+    return jnp.pad(x, pad)
 
 
 def _tiles(x: Float[Array, "R C"]):
     """1x128 tiles along C (the contracted axis)."""
-    x = _pad_cols(x)
+    x = _pad_axis(x, 1)
     return fp8_quant.per_token_cast_to_fp8(x) if fp8_gemm.on_hopper() else fp8_quant.per_token_cast_to_fp8_reference(x)
 
 
 def _blocks(w: Float[Array, "R C"]):
     """128x128 blocks; C is the contracted axis."""
-    w = _pad_cols(w)
+    w = _pad_axis(w, 1)
     return fp8_quant.per_block_cast_to_fp8(w) if fp8_gemm.on_hopper() else fp8_quant.per_block_cast_to_fp8_reference(w)
 
 
@@ -88,12 +90,6 @@ def project(x: Float[Array, "... K"], w: Float[Array, "K ..."], contract: int = 
 # dyᵀ in 128x128 blocks; tiles never straddle experts since runs are 128-aligned) and accumulated
 # per tile in float32 by XLA (there is no k-grouped kernel yet).
 
-def _pad_axis(x: Array, axis: int) -> Array:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, -x.shape[axis] % BLOCK)
-    return jnp.pad(x, pad)
-
-
 def tile_groups(run_rows: Int[Array, " G"], rows: int) -> Int[Array, " T"]:
     """The expert of each 128-row tile of a contiguous layout of `rows` rows whose runs (one per expert,
     in expert order from row 0, each a multiple of 128 long) have lengths run_rows; -1 past the last run."""
@@ -102,19 +98,12 @@ def tile_groups(run_rows: Int[Array, " G"], rows: int) -> Int[Array, " T"]:
     return jnp.where(group < run_rows.shape[0], group, -1)
 
 
-def _weight_blocks(w: Float[Array, "G N K"]):
-    """Per-expert 128x128 blocks of [G, N, K] weights (K, the contracted axis, padded to 128)."""
-    w = _pad_axis(w, 2)
-    cast = fp8_quant.per_block_cast_to_fp8 if fp8_gemm.on_hopper() else fp8_quant.per_block_cast_to_fp8_reference
-    return jax.vmap(cast)(w)
-
-
 def grouped_nt(x: Float[Array, "Mp K"], w: Float[Array, "G N K"], tile_group: Array, out_dtype) -> Array:
     """out[r] = x[r]·w[e(r)]ᵀ with FP8 operands (x in 1x128 tiles, w in 128x128 blocks), fp32 accumulation;
     padding tiles give 0."""
     n = w.shape[1]
     a_q, a_s = _tiles(x)
-    b_q, b_s = _weight_blocks(_pad_axis(w, 1))
+    b_q, b_s = jax.vmap(_blocks)(_pad_axis(w, 1))                                   # per-expert 128x128 blocks
     if fp8_gemm.on_hopper():
         rows = jnp.repeat(tile_group, BLOCK)
         out = fp8_gemm.m_grouped_fp8_gemm_nt_contiguous((a_q, a_s), (b_q, b_s), rows, out_dtype=out_dtype)

@@ -268,12 +268,11 @@ def _send_fp8(xp: Float[Array, "M D"], hit: Bool[Array, "R El M"], axis: str) ->
 
 
 def _send_fp8_fwd(xp, hit, axis):
-    return _send_fp8(xp, hit, axis), (hit, jnp.zeros((0,), xp.dtype))
+    return _send_fp8(xp, hit, axis), hit
 
 
-def _send_fp8_bwd(axis, res, g):
-    hit, like = res
-    return jnp.sum(jnp.where(hit[..., None], _exchange(g, axis), 0), axis=(0, 1)).astype(like.dtype), None
+def _send_fp8_bwd(axis, hit, g):             # the transpose of `_send_rows` (g has xp's dtype)
+    return jnp.sum(jnp.where(hit[..., None], _exchange(g, axis), 0), axis=(0, 1)).astype(g.dtype), None
 
 
 _send_fp8.defvjp(_send_fp8_fwd, _send_fp8_bwd)

@@ -63,8 +63,13 @@ def init_cache(spec: CacheSpec) -> Shaped[Array, "LN P 1 W"]:
 
 def write(cache: Shaped[Array, "LN P 1 W"], layer, ckv: Float[Array, "B T C"], krope: Float[Array, "B T R"],
           slots: Int[Array, "B T"], spec: CacheSpec) -> Shaped[Array, "LN P 1 W"]:
-    """Store new tokens at cache slots (block * P + offset within `layer`); slots < 0 are dropped."""
+    """Store new tokens at cache slots (block * P + offset within `layer`); slots < 0 are dropped.
+
+    Non-finite values are stored as 0, so the cache holds only finite numbers: a block keeps what
+    its last owner wrote, and readers that mask stale slots by probability 0 (serving's attention)
+    need no zeroing pass, as 0 * inf or 0 * NaN would not be 0."""
     entry = jnp.concatenate([ckv, krope], axis=-1)                             # [B, T, C+R]
+    entry = jnp.where(jnp.isfinite(entry), entry, 0)
     if spec.dtype == "fp8":
         entry = flash_mla.quantize_kv_cache_fp8(entry[:, :, None].astype(jnp.bfloat16))[:, :, 0]
     rows = jnp.where(slots >= 0, layer * spec.num_blocks + slots // PAGE, cache.shape[0])   # past the end: dropped

@@ -68,49 +68,55 @@ BAKE_LIMIT_BYTES = 64 << 20
 
 
 def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, bake: bool, steps: int = 1):
-    """The jitted step for one model and cache: (leaves, kv, batch, sampling) -> (tokens, logits,
-    counts, kv), tokens [steps, B], logits [steps, B, V] and counts [L, E] (the real tokens each
-    MoE layer routed to each expert, summed over the steps).
+    """The jitted step for one model and cache: (leaves, kv, batch, sampling, limits) -> (tokens,
+    logits, counts, kv), tokens [steps, B], logits [steps, B, V] and counts [L, E] (the real tokens
+    each MoE layer routed to each expert, summed over the steps).
 
-    steps > 1 (decode only) runs that many decode iterations in one call, each feeding back the
-    token it sampled (multi-step scheduling: one dispatch and one host round trip per `steps`
-    tokens). Cached here, so the graphdef is hashed once per engine, not per call. bake=True
+    steps > 1 (decode only) runs up to that many decode iterations in one call, each feeding back
+    the token it sampled (multi-step scheduling: one dispatch and one host round trip per `steps`
+    tokens). Row b takes part in the first limits[b] iterations only (then it is padding: no cache
+    write, no expert count), and the loop ends when no row has an iteration left, so rows near
+    their token budget share a call with the rest (their tokens past the limit are not read).
+    steps == 1 ignores limits. Cached here, so the graphdef is hashed once per engine, not per call. bake=True
     closes over the parameters, making them compile-time constants: XLA:CPU then lays out and
     slices the stacked weights once at compile time instead of copying them every step (3-6x
     faster decode for the tiny model on CPU); such a step is specific to these parameter arrays.
     """
     key = (graphdef, treedef, spec, absorbed, steps, tuple(map(id, leaves)) if bake else None)
     if key not in _STEPS:
-        def step(leaves, kv, batch: Batch, sampling):
+        def step(leaves, kv, batch: Batch, sampling, limits):
             TRACES[0] += 1
             m = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
             temperature, top_k, top_p, seeds, counters = sampling
 
-            def one(i, kv, tokens):
-                live = batch.valid[:, 0]
-                b = Batch(tokens, batch.positions + i, batch.valid, batch.table,
-                          jnp.where(live, batch.lengths + i, 0))
+            def one(i, kv, tokens, valid):
+                b = Batch(tokens, batch.positions + i, valid, batch.table,
+                          jnp.where(valid[:, 0], batch.lengths + i, 0))
                 logits, kv, counts = forward_paged(m, kv, b, absorbed=absorbed, spec=spec)
                 return sample(logits, temperature, top_k, top_p, seeds, counters + i), logits, counts, kv
 
             if steps == 1:
-                tokens, logits, counts, kv = one(0, kv, batch.tokens)
+                tokens, logits, counts, kv = one(0, kv, batch.tokens, batch.valid)
                 return tokens[None], logits[None], counts, kv
 
-            def body(i, carry):
-                kv, tokens, out, out_logits, total = carry
-                nxt, logits, counts, kv = one(i, kv, tokens)
-                return kv, nxt[:, None], out.at[i].set(nxt), out_logits.at[i].set(logits), total + counts
+            def body(carry):
+                i, kv, tokens, out, out_logits, total = carry
+                nxt, logits, counts, kv = one(i, kv, tokens, batch.valid & (i < limits)[:, None])
+                return i + 1, kv, nxt[:, None], out.at[i].set(nxt), out_logits.at[i].set(logits), total + counts
+
+            def more(carry):
+                return (carry[0] < steps) & jnp.any(carry[0] < jnp.where(batch.valid[:, 0], limits, 0))
 
             B, cfg = batch.tokens.shape[0], m.cfg
-            init = (kv, batch.tokens, jnp.zeros((steps, B), jnp.int32),
+            init = (jnp.int32(0), kv, batch.tokens, jnp.zeros((steps, B), jnp.int32),
                     jnp.zeros((steps, B, cfg.vocab_size), jnp.float32),
                     jnp.zeros((cfg.num_moe_layers, max(cfg.num_routed_experts, 1)), jnp.int32))
-            kv, _, tokens, logits, counts = jax.lax.fori_loop(0, steps, body, init)
+            _, kv, _, tokens, logits, counts = jax.lax.while_loop(more, body, init)
             return tokens, logits, counts, kv
 
         if bake:
-            fn = jax.jit(lambda _, kv, batch, sampling: step(leaves, kv, batch, sampling), donate_argnums=1)
+            fn = jax.jit(lambda _, kv, batch, sampling, limits: step(leaves, kv, batch, sampling, limits),
+                         donate_argnums=1)
         else:
             fn = jax.jit(step, donate_argnums=1)
         _STEPS[key] = (fn, leaves)           # the leaves stay referenced, so their ids stay theirs
@@ -243,8 +249,8 @@ class Engine:
                     finished += self._append(seq, tok)
         if plan.decode:
             rows = [(seq, seq.cached, 1) for seq in plan.decode]
-            multi = not plan.prefill and self._multi_step_fits(plan.decode)
-            tokens = self._run(rows, absorbed="multi" if multi else True)
+            limits = None if plan.prefill else self._multi_step_limits(plan.decode)
+            tokens = self._run(rows, absorbed=True if limits is None else "multi", limits=limits)
             for seq, toks in zip(plan.decode, tokens):
                 for tok in toks:
                     seq.cached += 1
@@ -268,21 +274,26 @@ class Engine:
                 progress(len(done), self.stats.generated_tokens)
         return [done[r] for r in rids]
 
-    def _multi_step_fits(self, decode: list[Sequence]) -> bool:
-        """Whether K decode iterations in one call can run: nothing waits to be admitted and every
-        row has K tokens left to generate and room for them (blocks are reserved here)."""
+    def _multi_step_limits(self, decode: list[Sequence]) -> list[int] | None:
+        """Tokens each row generates in one multi-step call (up to K = decode_steps: its budget of
+        max_tokens and max_seq_len may end sooner), or None when the call cannot run: something
+        waits to be admitted, or a row's blocks cannot be reserved (reserved here)."""
         K = self.config.decode_steps
         if K <= 1 or self.scheduler.waiting:
-            return False
-        if any(s.params.max_tokens - len(s.generated) < K or len(s.tokens) + K > self.cfg.max_seq_len
-               for s in decode):
-            return False
-        return all(self.scheduler.reserve(s, K) for s in decode)
+            return None
+        limits = [min(K, s.params.max_tokens - len(s.generated), self.cfg.max_seq_len - len(s.tokens))
+                  for s in decode]
+        if not all(self.scheduler.reserve(s, n) for s, n in zip(decode, limits)):
+            return None
+        return limits
 
-    def _run(self, rows: list[tuple[Sequence, int, int]], absorbed) -> list:
-        """Prefill rows -> one token each; decode rows -> a list of tokens each ([1] or [K])."""
+    def _run(self, rows: list[tuple[Sequence, int, int]], absorbed, limits: list[int] | None = None) -> list:
+        """Prefill rows -> one token each; decode rows -> a list of tokens each ([1], or up to K
+        with per-row `limits` in a multi-step call)."""
         batch, sampling = self._pack(rows)
-        tokens, logits, counts, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling)
+        steps = np.zeros(batch.tokens.shape[0], np.int32)
+        steps[:len(rows)] = limits or 1
+        tokens, logits, counts, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling, steps)
         tokens, counts = jax.device_get((tokens, counts))                         # [steps, B], [L, E]
         self._step_counts = counts if self._step_counts is None else self._step_counts + counts
         if self.keep_logits:

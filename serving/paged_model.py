@@ -59,14 +59,31 @@ def slots_of(batch: Batch) -> Int[Array, "B T"]:
 
 def paged_attention(q: Float[Array, "B T H CR"], kv, table, lengths, scale: float, spec: CacheSpec):
     """Absorbed attention over the paged cache: the FlashMLA kernel where its shapes fit (V3:
-    576 = 512 + 64, bf16 or FP8 cache), its reference (with this cache's latent width) elsewhere."""
+    576 = 512 + 64, bf16 or FP8 cache), `latent_attention` (XLA, this cache's latent width) elsewhere."""
     fits = (spec.latent_dim, spec.rope_dim) == (flash_mla.D_V, flash_mla.D_ROPE) and spec.dtype != "float32"
     if fits:
         out, _ = flash_mla.mla_decode(q.astype(jnp.bfloat16), kv, table, lengths, softmax_scale=scale)
     else:
-        out, _ = flash_mla.flash_mla_reference(q, kv, table, lengths, head_dim_v=spec.latent_dim,
-                                               softmax_scale=scale)
+        out = latent_attention(q, kv, table, lengths, scale, spec.latent_dim)
     return out.astype(q.dtype)                                                # [B, T, H, C]
+
+
+def latent_attention(q: Float[Array, "B T H CR"], kv, table: Int[Array, "B M"], lengths: Int[Array, " B"],
+                     scale: float, latent_dim: int) -> Float[Array, "B T H C"]:
+    """Every query row of a sequence attends to its first `lengths` cached tokens (decode: T = 1),
+    in float32: `flash_mla.flash_mla_reference`'s result (non-causal), leaner for XLA. The keys are
+    the gathered blocks read once, for QK^T and for PV over the full width (the latent sliced from
+    the product, not from the keys), and stale slots are not zeroed first: `cache.write` stores
+    only finite values, so a masked slot (p = 0) adds exactly 0. An empty row gives 0."""
+    B, T, H, W = q.shape
+    keys = kv[jnp.clip(table, 0, kv.shape[0] - 1)].reshape(B, -1, W).astype(jnp.float32)   # [B, M*P, W]
+    s = jnp.einsum("bqw,bsw->bqs", q.reshape(B, T * H, W).astype(jnp.float32), keys) * scale
+    s = jnp.where(jnp.arange(keys.shape[1])[None, None] < lengths[:, None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isneginf(m), 0.0, m))                       # masked: exp(-inf) = 0
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bqs,bsw->bqw", p, keys)[..., :latent_dim] / jnp.where(total > 0, total, 1.0)
+    return out.reshape(B, T, H, latent_dim)
 
 
 def _attend_decode(p: mla.MLA, q_nope, q_rope, kv, layer, batch: Batch, cfg: ModelConfig, spec: CacheSpec):

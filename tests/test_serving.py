@@ -14,7 +14,7 @@ from pallas_kernels import flash_mla
 from serving import PAGE, BlockAllocator, CacheSpec, Engine, EngineConfig, SamplingParams, Scheduler, Sequence
 from serving import cache as paged
 from serving import engine as engine_mod
-from serving.paged_model import paged_attention
+from serving.paged_model import latent_attention, paged_attention
 from serving.sampler import sample
 from storage.corpus import ByteTokenizer
 
@@ -94,10 +94,26 @@ def test_paged_decode_logits_equal_naive_forward(net, prompts, reference):
         plan_decode_only = all(s.pending == 1 for s in engine.scheduler.running)
         assert plan_decode_only
         engine.step()
-    assert engine.stats.steps == 3        # prefill, one 4-token multi-step decode call, one single decode
+    assert engine.stats.steps == 3        # prefill, then multi-step decode calls of 4 tokens and of 1
     _, ref_logits = reference[3]
     errs = [rel_err(a, b) for a, b in zip(engine.logits[rid][1:], ref_logits[1:])]
     assert len(errs) == NEW - 1 and max(errs) < 1e-5, errs
+
+
+def test_multi_step_rows_with_different_budgets(net, prompts, reference):
+    """One multi-step call serves rows that need fewer tokens than its K: each row stops at its own
+    max_tokens inside the call (no cache write or expert count after), the others go on."""
+    budgets = (2, 6, 3, 5, 1)
+    engine = Engine(net, EngineConfig(num_blocks=64, **{**SMALL, "max_running": 8, "min_batch_bucket": 8,
+                                                         "chunk_tokens": 256, "min_token_bucket": 256}))
+    done = engine.run([(p, SamplingParams(max_tokens=n)) for p, n in zip(prompts, budgets)])
+    assert [c.token_ids for c in done] == [ref[:n] for (ref, _), n in zip(reference, budgets)]
+    assert [c.finish_reason for c in done] == ["length"] * len(budgets)
+    # one prefill step (every prompt in one chunk of 256), then calls of up to 4 tokens: 5 more tokens at most
+    assert engine.stats.steps == 3
+    load = engine.expert_load.load()                                   # real tokens only, each routed to k experts
+    decoded = sum(budgets) - len(budgets)                              # the first token of each comes from prefill
+    assert load.sum() == (sum(LENGTHS) + decoded) * net.cfg.num_experts_per_tok * net.cfg.num_moe_layers
 
 
 def test_seeded_sampling_reproducible_across_batches(net, prompts):
@@ -200,6 +216,30 @@ def test_paged_cache_roundtrip_and_flash_mla(dtype, tol):
     assert rel_err(got_c[0, :100], ckv[0]) < tol and rel_err(got_r[1, :90], krope[1, :90]) < tol
     assert float(jnp.abs(got_c[1, 90:]).max()) == 0                 # dropped slots stay empty
     assert rel_err(out, unpaged(ckv, krope, q)) < tol
+
+
+def test_latent_attention_equals_reference_and_ignores_stale_slots():
+    """Serving's XLA decode attention equals FlashMLA's reference (varlen, several blocks, an empty
+    row), and what a block's previous owner left behind never reaches the new owner: the cache
+    stores non-finite values as 0, so masked slots add exactly 0 without a zeroing pass."""
+    spec = CacheSpec(num_layers=1, num_blocks=6, latent_dim=64, rope_dim=16, dtype="float32")
+    rng = np.random.default_rng(2)
+    table = jnp.asarray([[3, 1, 5], [0, 2, 4], [2, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([150, 70, 0], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(3, 1, 4, 80)), jnp.float32)
+    poison = jnp.full((1, 6 * PAGE, 64), jnp.nan).at[0, ::7].set(jnp.inf)            # a NaN-producing owner
+    kv = paged.write(paged.init_cache(spec), 0, poison, poison[..., :16], jnp.arange(6 * PAGE)[None], spec)
+    assert bool(jnp.isfinite(kv).all()) and float(jnp.abs(kv).max()) == 0
+    ckv = jnp.asarray(rng.normal(size=(3, 3 * PAGE, 64)), jnp.float32)
+    krope = jnp.asarray(rng.normal(size=(3, 3 * PAGE, 16)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(3 * PAGE), (3, 3 * PAGE))
+    slots = jnp.where(pos < lengths[:, None], jnp.take_along_axis(table, pos // PAGE, 1) * PAGE + pos % PAGE, -1)
+    kv = paged.write(kv, 0, ckv, krope, slots, spec)                                     # the new owners
+    got = latent_attention(q, kv, table, lengths, 0.1, 64)
+    clean = paged.write(paged.init_cache(spec), 0, ckv, krope, slots, spec)
+    want, _ = flash_mla.flash_mla_reference(q, clean, table, lengths, head_dim_v=64, softmax_scale=0.1)
+    assert bool(jnp.isfinite(got).all()) and float(jnp.abs(got[2]).max()) == 0            # empty row: 0
+    assert rel_err(got[:2], want[:2]) < 1e-6
 
 
 def test_cache_spec_rejects():

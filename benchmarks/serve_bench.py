@@ -3,8 +3,9 @@
 For each batch size, the same random prompts go through serving.Engine (paged latent cache,
 continuous batching, greedy) and through transformers' DeepseekV3ForCausalLM.generate (greedy,
 its dynamic KV cache), both in float32, in one process. Each side runs once to warm up (our
-step functions compile there) and is then timed; the median of `--repeat` timed runs counts.
-transformers runs with 1 torch thread and with one per core, and its faster setting counts
+step functions compile there); then the timed runs take turns (orcinus, transformers at 1 torch
+thread, transformers at one per core, `--repeat` rounds), so a noisy neighbour on a shared machine
+slows both sides alike, and each side's median counts. transformers' faster thread setting counts
 (on a loaded machine torch's spinning OpenMP threads can be 10x slower than one thread).
 Ratios > 1 mean orcinus is faster.
 
@@ -14,6 +15,7 @@ Ratios > 1 mean orcinus is faster.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -27,14 +29,16 @@ from benchmarks.report import publish, table
 from serving import Engine, EngineConfig, SamplingParams
 
 
-def _median(fn, repeat: int):
-    result = fn()                                                   # warm-up (compilation)
-    times = []
+def _medians(fns: dict, repeat: int) -> dict:
+    """{name: (median seconds, last result)}: one warm-up run each, then `repeat` rounds in turn."""
+    results = {name: fn() for name, fn in fns.items()}                # warm-up (compilation)
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (float(np.median(times[name])), results[name]) for name in fns}
 
 
 def main(argv=None):
@@ -42,7 +46,7 @@ def main(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--price-per-hour", type=float, default=2.0)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -61,18 +65,17 @@ def main(argv=None):
             engines.append(Engine(ours, config))
             return engines[-1].run([(list(r), params) for r in prompts[:b]])
 
-        def run_theirs(b=b):
+        def run_theirs(b=b, threads=1):
+            torch.set_num_threads(threads)
             ids = torch.as_tensor(prompts[:b], dtype=torch.long)
             with torch.no_grad():
                 out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                       min_new_tokens=args.new, do_sample=False)
             return out[:, args.prompt:].numpy()
 
-        t_ours, done = _median(run_ours, args.repeat)
-        timed = {}
-        for threads in sorted({1, os.cpu_count()}):
-            torch.set_num_threads(threads)
-            timed[threads] = _median(run_theirs, args.repeat)
+        timed = _medians({"ours": run_ours, **{n: functools.partial(run_theirs, threads=n)
+                                               for n in sorted({1, os.cpu_count()})}}, args.repeat)
+        t_ours, done = timed.pop("ours")
         threads = min(timed, key=lambda k: timed[k][0])
         t_theirs, theirs_ids = timed[threads]
         agree = float(np.mean(np.array([c.token_ids for c in done]) == theirs_ids))
@@ -86,7 +89,8 @@ def main(argv=None):
             f"transformers {transformers.__version__}, torch {torch.__version__}. "
             "orcinus: serving.Engine (paged latent cache, continuous batching, default EngineConfig but "
             "max_running = batch); transformers: `generate` with its KV cache. Timed after one warm-up run "
-            f"(compilation excluded), median of {args.repeat}; transformers at its faster torch thread count. "
+            f"(compilation excluded), median of {args.repeat} runs taken in turns with transformers'; "
+            "transformers at its faster torch thread count. "
             f"1-minute load average at the start: {load:.2f} on {os.cpu_count()} cores.\n\n"
             + table(["batch", "shape", "orcinus tok/s", "transformers tok/s", "torch threads",
                      "orcinus / transformers",

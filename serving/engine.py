@@ -2,8 +2,8 @@
 
 Each step runs at most two jitted calls: a prefill call (a chunk for each prefilling sequence,
 naive MLA, [B, T] padded to power-of-two buckets) and a decode call (one token for each decoding
-sequence, absorbed MLA through FlashMLA, [B, 1]; or `decode_steps` tokens in one call when
-nothing waits). Block tables are padded to a power-of-two number of blocks too, so a long run
+sequence, absorbed MLA through FlashMLA, [B, 1]; or up to `decode_steps` tokens in one call when
+nothing waits, each row stopping at its own token budget inside the call). Block tables are padded to a power-of-two number of blocks too, so a long run
 compiles a bounded number of step functions: (log2 max_running + 1) x (log2 blocks per sequence
 + 1) shapes for each of decode and multi-step decode, times (log2 chunk_tokens + 1) token buckets
 for prefill. Sampling runs inside the same call; only token ids come back to the host, with the

@@ -2,7 +2,8 @@
 
 Requests run through serving.Engine: a paged latent cache (64-token blocks), continuous batching
 with chunked prefill and preempt-and-recompute, naive-MLA prefill and FlashMLA-style absorbed
-decode. --input takes one prompt per line, or JSONL (a .jsonl file) with a "prompt" and any of
+decode; --replicas N runs N such engines side by side (data-parallel, requests to the least
+loaded). --input takes one prompt per line, or JSONL (a .jsonl file) with a "prompt" and any of
 the sampling fields max_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids (and an
 optional "id"). A bad line (malformed JSON, empty or over-long prompt, invalid field) gets an
 error record in the output; the others complete. The last output line holds the statistics.
@@ -25,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import model
-from serving import Engine, EngineConfig, SamplingParams, format_summary
+from serving import EngineConfig, SamplingParams, format_summary, make_engine
 from sharding import eplb
 from storage.corpus import ByteTokenizer
 
@@ -42,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--max-running", type=int, default=16, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=int, default=256, help="cache blocks of 64 tokens")
     p.add_argument("--chunk-tokens", type=int, default=256, help="prefill tokens per step (chunked prefill)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel engine replicas stepping concurrently (DeepSeek's DP attention; on CPU, "
+                        "one per core keeps the cores busy); the budgets above are each replica's")
     p.add_argument("--cache-dtype", choices=["auto", "float32", "bfloat16", "fp8"], default="auto")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -64,7 +68,7 @@ def parse_args(argv=None):
         args.defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         args.engine = EngineConfig(num_blocks=args.num_blocks, max_running=args.max_running,
-                                   chunk_tokens=args.chunk_tokens,
+                                   chunk_tokens=args.chunk_tokens, replicas=args.replicas,
                                    cache_dtype=None if args.cache_dtype == "auto" else args.cache_dtype)
     except ValueError as e:
         p.error(str(e))
@@ -90,7 +94,7 @@ class EPLBReport:
             raise ValueError(f"--eplb-redundant {self.redundant}: {E} experts + {self.redundant} redundant = "
                              f"{E + self.redundant} slots do not divide over --eplb-gpus {G}")
 
-    def write(self, engine: Engine) -> dict:
+    def write(self, engine) -> dict:
         """Rebalance the engine's experts by its load window, save the heatmap; the report's numbers."""
         load = engine.expert_load.load()
         rep = engine.rebalance(self.num_gpus, self.redundant)
@@ -170,7 +174,7 @@ def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingPar
     the EPLB report under "eplb" when asked for)."""
     if eplb_report is not None:
         eplb_report.check(m.cfg)
-    engine = Engine(m, config, detokenize=tok.decode)
+    engine = make_engine(m, config, detokenize=tok.decode)
     records: list[dict] = [{} for _ in requests]
     rids = {}
     for i, r in enumerate(requests):
@@ -208,7 +212,7 @@ def generate(m: model.Transformer, prompts: list[list[int]], max_tokens: int, te
     """Token ids for each prompt, through the engine (kept for the notebook and benchmarks)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                             stop_token_ids=() if stop_id is None else (stop_id,))
-    return [c.token_ids for c in Engine(m, config).run([(p, params) for p in prompts])]
+    return [c.token_ids for c in make_engine(m, config).run([(p, params) for p in prompts])]
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """The serving engine vs Hugging Face transformers `generate` on CPU: output tokens/s, same weights.
 
-For each batch size, the same random prompts go through serving.Engine (paged latent cache,
-continuous batching, greedy) and through transformers' DeepseekV3ForCausalLM.generate (greedy,
+For each batch size, the same random prompts go through the serving engine (paged latent cache,
+continuous batching, greedy; one engine, and `DataParallelEngine` with one replica per core) and through transformers' DeepseekV3ForCausalLM.generate (greedy,
 its dynamic KV cache), both in float32, in one process. Each side runs once to warm up (our
 step functions compile there); then the timed runs take turns (orcinus, transformers at 1 torch
 thread, transformers at one per core, `--repeat` rounds), so a noisy neighbour on a shared machine
@@ -26,7 +26,7 @@ import transformers
 import model
 from benchmarks.hf_compare import tiny_pair
 from benchmarks.report import publish, table
-from serving import Engine, EngineConfig, SamplingParams
+from serving import EngineConfig, SamplingParams, make_engine
 
 
 def _medians(fns: dict, repeat: int) -> dict:
@@ -35,6 +35,7 @@ def _medians(fns: dict, repeat: int) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            time.sleep(0.25)                  # let the previous run's threads (torch's OpenMP pool) go idle
             start = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - start)
@@ -57,13 +58,19 @@ def main(argv=None):
     prompts = rng.integers(0, cfg.vocab_size, (max(args.batches), args.prompt)).astype(np.int32)
     params = SamplingParams(max_tokens=args.new)
     rows, last_stats = [], None
+    cores = os.cpu_count() or 1
     for b in args.batches:
-        config = EngineConfig(max_running=b, num_blocks=b * -(-(args.prompt + args.new) // 64))
-        engines = []
+        ours_fns, engines = {}, {}
+        for replicas in sorted({1, min(b, cores)}):                # one engine; one replica per core
+            running = -(-b // replicas)
+            config = EngineConfig(max_running=running, num_blocks=running * -(-(args.prompt + args.new) // 64),
+                                  replicas=replicas)
+            engines[replicas] = []
 
-        def run_ours(b=b, config=config, engines=engines):
-            engines.append(Engine(ours, config))
-            return engines[-1].run([(list(r), params) for r in prompts[:b]])
+            def run_ours(b=b, config=config, made=engines[replicas]):
+                made.append(make_engine(ours, config))
+                return made[-1].run([(list(r), params) for r in prompts[:b]])
+            ours_fns[replicas] = run_ours
 
         def run_theirs(b=b, threads=1):
             torch.set_num_threads(threads)
@@ -73,26 +80,29 @@ def main(argv=None):
                                       min_new_tokens=args.new, do_sample=False)
             return out[:, args.prompt:].numpy()
 
-        timed = _medians({"ours": run_ours, **{n: functools.partial(run_theirs, threads=n)
-                                               for n in sorted({1, os.cpu_count()})}}, args.repeat)
-        t_ours, done = timed.pop("ours")
-        threads = min(timed, key=lambda k: timed[k][0])
+        timed = _medians({**{("ours", r): fn for r, fn in ours_fns.items()},
+                          **{n: functools.partial(run_theirs, threads=n) for n in sorted({1, cores})}}, args.repeat)
+        threads = min((k for k in timed if not isinstance(k, tuple)), key=lambda k: timed[k][0])
         t_theirs, theirs_ids = timed[threads]
-        agree = float(np.mean(np.array([c.token_ids for c in done]) == theirs_ids))
-        stats = engines[-1].stats.summary(args.price_per_hour)
         tokens = b * args.new
-        rows.append([b, f"{b} x ({args.prompt}+{args.new})", tokens / t_ours, tokens / t_theirs, threads,
-                     t_theirs / t_ours,
-                     1e3 * stats["ttft_p50_s"], 1e3 * stats["tpot_p50_s"], f"{agree:.0%}"])
-        last_stats = stats
+        for replicas in ours_fns:
+            t_ours, done = timed[("ours", replicas)]
+            agree = float(np.mean(np.array([c.token_ids for c in done]) == theirs_ids))
+            stats = engines[replicas][-1].stats.summary(args.price_per_hour)
+            rows.append([b, f"{b} x ({args.prompt}+{args.new})", replicas, tokens / t_ours, tokens / t_theirs,
+                         threads, t_theirs / t_ours,
+                         1e3 * stats["ttft_p50_s"], 1e3 * stats["tpot_p50_s"], f"{agree:.0%}"])
+            last_stats = stats
     body = (f"`tiny` preset ({model.param_count(ours):,} parameters, no MTP), float32, same weights, greedy; "
             f"transformers {transformers.__version__}, torch {torch.__version__}. "
-            "orcinus: serving.Engine (paged latent cache, continuous batching, default EngineConfig but "
-            "max_running = batch); transformers: `generate` with its KV cache. Timed after one warm-up run "
+            "orcinus: serving.make_engine (paged latent cache, continuous batching, default EngineConfig but "
+            "max_running = batch / replicas): one engine, and one data-parallel replica per core (each its own "
+            "cache and batch, stepping concurrently); transformers: `generate` with its KV cache. Timed after "
+            "one warm-up run "
             f"(compilation excluded), median of {args.repeat} runs taken in turns with transformers'; "
             "transformers at its faster torch thread count. "
             f"1-minute load average at the start: {load:.2f} on {os.cpu_count()} cores.\n\n"
-            + table(["batch", "shape", "orcinus tok/s", "transformers tok/s", "torch threads",
+            + table(["batch", "shape", "orcinus replicas", "orcinus tok/s", "transformers tok/s", "torch threads",
                      "orcinus / transformers",
                      "orcinus TTFT p50 ms", "orcinus TPOT p50 ms", "greedy tokens identical"], rows)
             + f"\n\nCost at ${args.price_per_hour:.2f}/accelerator-hour (this CPU as the accelerator, batch "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 
 import jax
@@ -45,6 +46,11 @@ class EngineConfig:
     decode_steps: int = 8            # decode iterations a call when nothing waits (multi-step); 1 = off
     bake_params: bool | None = None  # parameters as compile-time constants; None: on CPU for models <= 64 MiB
     load_window: int = 1024          # engine steps in the expert-load window (EPLB)
+    replicas: int = 1                # data-parallel engine replicas (`DataParallelEngine`); the budgets above are each one's
+
+    def __post_init__(self):
+        if self.replicas < 1:
+            raise ValueError(f"EngineConfig.replicas={self.replicas} must be >= 1")
 
 
 @dataclasses.dataclass
@@ -123,11 +129,31 @@ def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, b
     return _STEPS[key][0]
 
 
-class Engine:
-    """engine = Engine(model); engine.add(prompt_ids, params); while engine.has_work(): engine.step()."""
+class _Serving:
+    """What both engines share: run() over add() and step()."""
+
+    def run(self, requests: Iterable[tuple[list[int], SamplingParams]], progress=None) -> list[Completion]:
+        """Complete every request; results in submission order. `progress(done, generated)` per step."""
+        rids = [self.add(p, s) for p, s in requests]
+        done: dict[int, Completion] = {}
+        while self.has_work():
+            for c in self.step():
+                done[c.rid] = c
+            if progress:
+                progress(len(done), self.stats.generated_tokens)
+        return [done[r] for r in rids]
+
+
+class Engine(_Serving):
+    """engine = Engine(model); engine.add(prompt_ids, params); while engine.has_work(): engine.step().
+
+    One replica; `make_engine` builds a `DataParallelEngine` when config.replicas > 1."""
 
     def __init__(self, model: Transformer, config: EngineConfig = EngineConfig(), *,
                  detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False):
+        if config.replicas != 1:
+            raise ValueError(f"EngineConfig.replicas={config.replicas}: Engine is one replica; use "
+                             "serving.make_engine (or DataParallelEngine) for several")
         cfg = model.cfg
         dtype = config.cache_dtype or ("float32" if cfg.dtype == "float32" else "bfloat16")
         self.cfg, self.config = cfg, config
@@ -177,7 +203,7 @@ class Engine:
         return eplb.placement_of(self.model(), num_gpus).layers(self.cfg.num_moe_layers)
 
     def rebalance(self, num_gpus: int, redundant: int = 0, *, num_groups: int | None = None,
-                  num_nodes: int = 1) -> dict:
+                  num_nodes: int = 1, load: np.ndarray | None = None) -> dict:
         """Re-place the routed experts over num_gpus GPUs by the expert-load window (EPLB).
 
         The parameters move to E + redundant physical slots (replicas copy their expert, so outputs
@@ -198,7 +224,7 @@ class Engine:
         old = eplb.placement_of(m, num_gpus)
         if old.num_physical % num_gpus:
             raise ValueError(f"the {old.num_physical} expert slots held now do not divide over {num_gpus} GPUs")
-        load = self.expert_load.load()                                            # [L, E]
+        load = self.expert_load.load() if load is None else load                   # [L, E]
         L = load.shape[0]
         mtp = np.ones((old.logcnt.shape[0] - L, E))          # MTP blocks do not run in serving: uniform load
         new = eplb.rebalance(np.concatenate([load, mtp]), E + redundant, num_groups or self.cfg.num_expert_groups,
@@ -262,17 +288,6 @@ class Engine:
             self.expert_load.update(self._step_counts)
         self.stats.step(time.perf_counter(), self.scheduler.allocator.num_used, len(plan.preempted))
         return finished
-
-    def run(self, requests: Iterable[tuple[list[int], SamplingParams]], progress=None) -> list[Completion]:
-        """Complete every request; results in submission order. `progress(done, generated)` per step."""
-        rids = [self.add(p, s) for p, s in requests]
-        done: dict[int, Completion] = {}
-        while self.has_work():
-            for c in self.step():
-                done[c.rid] = c
-            if progress:
-                progress(len(done), self.stats.generated_tokens)
-        return [done[r] for r in rids]
 
     def _multi_step_limits(self, decode: list[Sequence]) -> list[int] | None:
         """Tokens each row generates in one multi-step call (up to K = decode_steps: its budget of
@@ -366,8 +381,136 @@ class Engine:
                           seq.preemptions)
 
 
+class _MergedLoad:
+    """The replicas' expert-load windows as one (`eplb.ExpertLoad`'s reading side)."""
+
+    def __init__(self, loads: list[eplb.ExpertLoad]):
+        self._loads = loads
+
+    def load(self) -> np.ndarray:
+        return np.sum([w.load() for w in self._loads], axis=0)
+
+    def __len__(self) -> int:
+        return max(len(w) for w in self._loads)
+
+
+class DataParallelEngine(_Serving):
+    """config.replicas engines, each with its own paged cache, scheduler and running batch, stepping
+    concurrently: DeepSeek's data-parallel attention (ANCHORS, day 6), where each DP rank serves its
+    own requests and KV cache. A request goes to the replica with the fewest tokens outstanding
+    (prompt + max_tokens of its unfinished requests); `step()` steps every replica with work, one
+    thread each, and returns what finished in any. Replicas go round-robin over the local
+    accelerators; on CPU they share the one device, and their concurrent XLA executions keep the
+    cores busy where one execution's thunks leave them idle. Same API as `Engine` (rids are the
+    group's); `rebalance` re-places experts by the summed load and rebuilds every replica.
+    """
+
+    def __init__(self, model: Transformer, config: EngineConfig, *,
+                 detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False):
+        if config.replicas < 2:
+            raise ValueError(f"EngineConfig.replicas={config.replicas}: a DataParallelEngine needs >= 2 (else Engine)")
+        one = dataclasses.replace(config, replicas=1)
+        devices = jax.local_devices() if jax.default_backend() != "cpu" else jax.local_devices()[:1]
+        graphdef, state = nnx.split(model)
+        self.replicas = []
+        for r in range(config.replicas):
+            device = devices[r % len(devices)]
+            on = model if len(devices) == 1 else nnx.merge(graphdef, jax.device_put(state, device))
+            engine = Engine(on, one, detokenize=detokenize, keep_logits=keep_logits)
+            engine.kv = jax.device_put(engine.kv, device)
+            self.replicas.append(engine)
+        self.cfg, self.config = model.cfg, config
+        self._pool = ThreadPoolExecutor(max_workers=config.replicas, thread_name_prefix="orcinus-replica")
+        self._where: dict[int, tuple[int, int]] = {}            # group rid -> (replica, its rid)
+        self._group_rid: list[dict[int, int]] = [{} for _ in self.replicas]
+        self._outstanding = [0] * config.replicas              # tokens still to process, per replica
+        self._cost: dict[int, int] = {}
+        self._steps = 0
+        self._blocks_used: list[int] = []
+
+    def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), *, arrival: float | None = None) -> int:
+        """Queue a request on the least-loaded replica; ValueError (nothing queued) as `Engine.add`."""
+        r = min(range(len(self.replicas)), key=lambda i: self._outstanding[i])
+        local = self.replicas[r].add(prompt, params, arrival=arrival)
+        rid = len(self._where)
+        self._where[rid] = (r, local)
+        self._group_rid[r][local] = rid
+        self._cost[rid] = len(prompt) + params.max_tokens
+        self._outstanding[r] += self._cost[rid]
+        return rid
+
+    def has_work(self) -> bool:
+        return any(e.has_work() for e in self.replicas)
+
+    def step(self) -> list[Completion]:
+        """One step of every replica with work (concurrently); the requests that finished in it."""
+        busy = [r for r, e in enumerate(self.replicas) if e.has_work()]
+        if len(busy) == 1:
+            results = [self.replicas[busy[0]].step()]
+        else:
+            results = list(self._pool.map(lambda r: self.replicas[r].step(), busy))
+        self._steps += 1
+        self._blocks_used.append(sum(e.scheduler.allocator.num_used for e in self.replicas))
+        finished = []
+        for r, done in zip(busy, results):
+            for c in done:
+                rid = self._group_rid[r][c.rid]
+                self._outstanding[r] -= self._cost[rid]
+                finished.append(dataclasses.replace(c, rid=rid))
+        return finished
+
+    @property
+    def stats(self) -> ServingStats:
+        """The replicas' statistics as one: counts and latencies pooled, wall time from the first
+        start to the last step, cache use over all replicas' blocks, and prefill time as the
+        replicas' sum over their count (they share the machine, so that is its share of the wall)."""
+        parts = [e.stats for e in self.replicas]
+        started = [s.started for s in parts if s.started is not None]
+        last = [s.last for s in parts if s.last is not None]
+        return ServingStats(
+            num_blocks=sum(s.num_blocks for s in parts), steps=self._steps,
+            **{f: sum(getattr(s, f) for s in parts)
+               for f in ("requests", "finished", "prompt_tokens", "generated_tokens", "preemptions")},
+            prefill_s=sum(s.prefill_s for s in parts) / len(parts),
+            started=min(started) if started else None, last=max(last) if last else None,
+            blocks_used=list(self._blocks_used), ttft=[x for s in parts for x in s.ttft],
+            tpot=[x for s in parts for x in s.tpot])
+
+    @property
+    def logits(self) -> dict[int, list[np.ndarray]]:
+        """Group rid -> logits of each sampled token (keep_logits)."""
+        return {self._group_rid[r][local]: lg for r, e in enumerate(self.replicas) for local, lg in e.logits.items()}
+
+    @property
+    def expert_load(self) -> _MergedLoad | None:
+        return None if self.replicas[0].expert_load is None else _MergedLoad([e.expert_load for e in self.replicas])
+
+    def model(self) -> Transformer:
+        return self.replicas[0].model()
+
+    def placement(self, num_gpus: int) -> eplb.Placement:
+        return self.replicas[0].placement(num_gpus)
+
+    def rebalance(self, num_gpus: int, redundant: int = 0, *, num_groups: int | None = None,
+                  num_nodes: int = 1) -> dict:
+        """`Engine.rebalance` by the load summed over the replicas, applied to every replica."""
+        merged = self.expert_load
+        if merged is None:
+            raise ValueError("the model has no MoE layers: EPLB has no experts to place")
+        report = self.replicas[0].rebalance(num_gpus, redundant, num_groups=num_groups, num_nodes=num_nodes,
+                                            load=merged.load())
+        for e in self.replicas[1:]:
+            e._build(self.replicas[0].model())
+        return report
+
+
+def make_engine(model: Transformer, config: EngineConfig = EngineConfig(), **engine_kw) -> Engine | DataParallelEngine:
+    """An `Engine`, or a `DataParallelEngine` when config.replicas > 1."""
+    return (DataParallelEngine if config.replicas > 1 else Engine)(model, config, **engine_kw)
+
+
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
              config: EngineConfig = EngineConfig(), **engine_kw) -> list[list[int]]:
-    """Token ids generated for each prompt (one engine, continuous batching)."""
-    engine = Engine(model, config, **engine_kw)
+    """Token ids generated for each prompt (continuous batching; replicas as config says)."""
+    engine = make_engine(model, config, **engine_kw)
     return [c.token_ids for c in engine.run([(p, params) for p in prompts])]

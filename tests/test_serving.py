@@ -11,7 +11,8 @@ from flax import nnx
 import model
 import serve
 from pallas_kernels import flash_mla
-from serving import PAGE, BlockAllocator, CacheSpec, Engine, EngineConfig, SamplingParams, Scheduler, Sequence
+from serving import (PAGE, BlockAllocator, CacheSpec, DataParallelEngine, Engine, EngineConfig, SamplingParams,
+                     Scheduler, Sequence, make_engine)
 from serving import cache as paged
 from serving import engine as engine_mod
 from serving.paged_model import latent_attention, paged_attention
@@ -114,6 +115,33 @@ def test_multi_step_rows_with_different_budgets(net, prompts, reference):
     load = engine.expert_load.load()                                   # real tokens only, each routed to k experts
     decoded = sum(budgets) - len(budgets)                              # the first token of each comes from prefill
     assert load.sum() == (sum(LENGTHS) + decoded) * net.cfg.num_experts_per_tok * net.cfg.num_moe_layers
+
+
+def test_data_parallel_engine_equals_reference(net, prompts, reference):
+    """Two replicas stepping concurrently: the same greedy tokens and logits as the no-cache loop,
+    every request on one replica (both used), statistics and expert loads pooled, and a rebalance
+    that re-places the experts of both replicas without changing what they generate."""
+    config = EngineConfig(num_blocks=64, **{**SMALL, "max_running": 4}, replicas=2)
+    with pytest.raises(ValueError, match="make_engine"):
+        Engine(net, config)
+    engine = make_engine(net, config, keep_logits=True)
+    assert isinstance(engine, DataParallelEngine) and len(engine.replicas) == 2
+    done = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts])
+    assert [c.rid for c in done] == list(range(len(prompts)))
+    assert [c.token_ids for c in done] == [ref for ref, _ in reference]
+    for c, (_, ref_logits) in zip(done, reference):
+        assert max(rel_err(a, b) for a, b in zip(engine.logits[c.rid], ref_logits)) < 1e-5
+    assert all(e.stats.requests > 0 for e in engine.replicas)
+    stats = engine.stats.summary()
+    assert stats["finished"] == stats["requests"] == len(prompts) and stats["generated_tokens"] == NEW * len(prompts)
+    assert stats["prompt_tokens"] == sum(LENGTHS) and stats["cache_utilisation_peak"] <= 1.0
+    load = engine.expert_load.load()
+    assert load.sum() == (sum(LENGTHS) + (NEW - 1) * len(prompts)) * net.cfg.num_experts_per_tok * net.cfg.num_moe_layers
+    report = engine.rebalance(num_gpus=2, redundant=2)
+    assert report["mean_after"] <= report["mean_before"]
+    assert {e.placement(2).num_physical for e in engine.replicas} == {net.cfg.num_routed_experts + 2}
+    again = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts[:3]])
+    assert [c.token_ids for c in again] == [ref for ref, _ in reference[:3]]
 
 
 def test_seeded_sampling_reproducible_across_batches(net, prompts):
@@ -249,7 +277,8 @@ def test_cache_spec_rejects():
         CacheSpec(num_layers=1, num_blocks=0, latent_dim=64, rope_dim=16)
 
 
-def test_serve_bad_lines_fail_alone(net, tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_serve_bad_lines_fail_alone(net, tmp_path, replicas):
     lines = [json.dumps(dict(prompt="def f(", max_tokens=3)), "{not json", json.dumps(dict(prompt="")),
              json.dumps(dict(prompt="x" * 1200)), json.dumps(dict(prompt="ab", temperature=-2)),
              json.dumps(dict(prompt="ab", max_tokens=4, temperature=0.8, seed=5, stop=["\n"])), json.dumps([1])]
@@ -260,7 +289,7 @@ def test_serve_bad_lines_fail_alone(net, tmp_path):
         eos_ids = (ByteTokenizer.eos_id,)
 
     records, stats = serve.serve(net, Tok(), serve.read_requests(str(path)), SamplingParams(max_tokens=5),
-                                 EngineConfig(num_blocks=64, **SMALL), progress=False)
+                                 EngineConfig(num_blocks=64, **SMALL, replicas=replicas), progress=False)
     assert [("error" in r) for r in records] == [False, True, True, True, True, False, True]
     assert "line 2" in records[1]["error"] and "empty prompt" in records[2]["error"]
     assert "max_seq_len" in records[3]["error"] and "temperature" in records[4]["error"]

@@ -43,7 +43,7 @@ class EngineConfig:
     min_token_bucket: int = 16       # smallest prefill chunk bucket
     min_batch_bucket: int = 1        # raise these to compile fewer shapes (e.g. tests)
     min_block_bucket: int = 1
-    decode_steps: int = 8            # decode iterations a call when nothing waits (multi-step); 1 = off
+    decode_steps: int = 16           # decode iterations a call when nothing waits (multi-step); 1 = off
     bake_params: bool | None = None  # parameters as compile-time constants; None: on CPU for models <= 64 MiB
     load_window: int = 1024          # engine steps in the expert-load window (EPLB)
     replicas: int = 1                # data-parallel engine replicas (`DataParallelEngine`); the budgets above are each one's

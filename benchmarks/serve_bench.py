@@ -3,9 +3,10 @@
 For each batch size, the same random prompts go through the serving engine (paged latent cache,
 continuous batching, greedy; one engine, and `DataParallelEngine` with one replica per core) and through transformers' DeepseekV3ForCausalLM.generate (greedy,
 its dynamic KV cache), both in float32, in one process. Each side runs once to warm up (our
-step functions compile there); then the timed runs take turns (orcinus, transformers at 1 torch
-thread, transformers at one per core, `--repeat` rounds), so a noisy neighbour on a shared machine
-slows both sides alike, and each side's median counts. transformers' faster thread setting counts
+step functions compile there); then the sides take turns (orcinus, transformers at 1 torch
+thread, transformers at one per core, `--repeat` rounds), each running twice in its turn and timed
+the second time, so every timed run starts warm and a noisy neighbour on a shared machine slows
+both sides alike; each side's median counts. transformers' faster thread setting counts
 (on a loaded machine torch's spinning OpenMP threads can be 10x slower than one thread).
 Ratios > 1 mean orcinus is faster.
 
@@ -30,12 +31,14 @@ from serving import EngineConfig, SamplingParams, make_engine
 
 
 def _medians(fns: dict, repeat: int) -> dict:
-    """{name: (median seconds, last result)}: one warm-up run each, then `repeat` rounds in turn."""
+    """{name: (median seconds, last result)}: `repeat` rounds in which each side in turn runs twice,
+    untimed then timed, so every timed run starts warm (compiled, its caches and threads hot) as in
+    steady serving, and machine noise spreads over both sides alike."""
     results = {name: fn() for name, fn in fns.items()}                # warm-up (compilation)
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            time.sleep(0.25)                  # let the previous run's threads (torch's OpenMP pool) go idle
+            fn()
             start = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - start)
@@ -99,7 +102,8 @@ def main(argv=None):
             "max_running = batch / replicas): one engine, and one data-parallel replica per core (each its own "
             "cache and batch, stepping concurrently); transformers: `generate` with its KV cache. Timed after "
             "one warm-up run "
-            f"(compilation excluded), median of {args.repeat} runs taken in turns with transformers'; "
+            f"(compilation excluded), median of {args.repeat} runs taken in turns with transformers' (each "
+            "timed run right after an untimed one of the same side); "
             "transformers at its faster torch thread count. "
             f"1-minute load average at the start: {load:.2f} on {os.cpu_count()} cores.\n\n"
             + table(["batch", "shape", "orcinus replicas", "orcinus tok/s", "transformers tok/s", "torch threads",

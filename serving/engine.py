@@ -3,20 +3,22 @@
 Each step runs at most two jitted calls: a prefill call (a chunk for each prefilling sequence,
 naive MLA, [B, T] padded to power-of-two buckets) and a decode call (one token for each decoding
 sequence, absorbed MLA through FlashMLA, [B, 1]; or up to `decode_steps` tokens in one call when
-nothing waits, each row stopping at its own token budget inside the call). Block tables are padded to a power-of-two number of blocks too, so a long run
-compiles a bounded number of step functions: (log2 max_running + 1) x (log2 blocks per sequence
-+ 1) shapes for each of decode and multi-step decode, times (log2 chunk_tokens + 1) token buckets
-for prefill. Sampling runs inside the same call; only token ids come back to the host, with the
-real tokens each MoE layer routed to each expert ([layers, experts] int32), which feed the
-engine's EPLB load window (`Engine.expert_load`; `Engine.rebalance` re-places the experts).
+nothing waits, each row stopping at its own token budget inside the call). Block tables are
+padded to a power-of-two number of blocks too, so a long run compiles a bounded number of step
+functions: (log2 max_running + 1) x (log2 blocks per sequence + 1) shapes for each of decode and
+multi-step decode, times (log2 chunk_tokens + 1) token buckets for prefill. Sampling runs inside
+the same call; only token ids come back to the host, with the real tokens each MoE layer routed
+to each expert ([layers, experts] int32), which feed the engine's EPLB load window
+(`Engine.expert_load`; `Engine.rebalance` re-places the experts). `DataParallelEngine` runs
+several such engines side by side (`EngineConfig.replicas`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,7 @@ class EngineConfig:
     decode_steps: int = 16           # decode iterations a call when nothing waits (multi-step); 1 = off
     bake_params: bool | None = None  # parameters as compile-time constants; None: on CPU for models <= 64 MiB
     load_window: int = 1024          # engine steps in the expert-load window (EPLB)
-    replicas: int = 1                # data-parallel engine replicas (`DataParallelEngine`); the budgets above are each one's
+    replicas: int = 1                # data-parallel replicas (`DataParallelEngine`); budgets above are per replica
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -83,10 +85,11 @@ def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, b
     tokens). Row b takes part in the first limits[b] iterations only (then it is padding: no cache
     write, no expert count), and the loop ends when no row has an iteration left, so rows near
     their token budget share a call with the rest (their tokens past the limit are not read).
-    steps == 1 ignores limits. Cached here, so the graphdef is hashed once per engine, not per call. bake=True
-    closes over the parameters, making them compile-time constants: XLA:CPU then lays out and
-    slices the stacked weights once at compile time instead of copying them every step (3-6x
-    faster decode for the tiny model on CPU); such a step is specific to these parameter arrays.
+    steps == 1 ignores limits. Cached here, so the graphdef is hashed once per engine, not per
+    call. bake=True closes over the parameters, making them compile-time constants: XLA:CPU then
+    lays out and slices the stacked weights once at compile time instead of copying them every
+    step (3-6x faster decode for the tiny model on CPU); such a step is specific to these
+    parameter arrays.
     """
     key = (graphdef, treedef, spec, absorbed, steps, tuple(map(id, leaves)) if bake else None)
     if key not in _STEPS:

@@ -136,7 +136,8 @@ def test_data_parallel_engine_equals_reference(net, prompts, reference):
     assert stats["finished"] == stats["requests"] == len(prompts) and stats["generated_tokens"] == NEW * len(prompts)
     assert stats["prompt_tokens"] == sum(LENGTHS) and stats["cache_utilisation_peak"] <= 1.0
     load = engine.expert_load.load()
-    assert load.sum() == (sum(LENGTHS) + (NEW - 1) * len(prompts)) * net.cfg.num_experts_per_tok * net.cfg.num_moe_layers
+    routed = net.cfg.num_experts_per_tok * net.cfg.num_moe_layers
+    assert load.sum() == (sum(LENGTHS) + (NEW - 1) * len(prompts)) * routed
     report = engine.rebalance(num_gpus=2, redundant=2)
     assert report["mean_after"] <= report["mean_before"]
     assert {e.placement(2).num_physical for e in engine.replicas} == {net.cfg.num_routed_experts + 2}

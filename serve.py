@@ -198,7 +198,7 @@ def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingPar
                                         ttft_s=round(c.ttft_s, 6), tpot_s=None if c.tpot_s is None else
                                         round(c.tpot_s, 6), preemptions=c.preemptions)
             bar.update(1)
-        bar.set_postfix_str(f"{engine.stats.generated_tokens / (time.perf_counter() - start):.1f} tok/s",
+        bar.set_postfix_str(f"{engine.generated_tokens / (time.perf_counter() - start):.1f} tok/s",
                             refresh=False)
     bar.close()
     stats = engine.stats.summary(price_per_hour)

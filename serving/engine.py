@@ -135,6 +135,11 @@ def _step_fn(graphdef, treedef, leaves, spec: paged.CacheSpec, absorbed: bool, b
 class _Serving:
     """What both engines share: run() over add() and step()."""
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far (cheap: a progress bar reads it every step)."""
+        return self.stats.generated_tokens
+
     def run(self, requests: Iterable[tuple[list[int], SamplingParams]], progress=None) -> list[Completion]:
         """Complete every request; results in submission order. `progress(done, generated)` per step."""
         rids = [self.add(p, s) for p, s in requests]
@@ -143,7 +148,7 @@ class _Serving:
             for c in self.step():
                 done[c.rid] = c
             if progress:
-                progress(len(done), self.stats.generated_tokens)
+                progress(len(done), self.generated_tokens)
         return [done[r] for r in rids]
 
 
@@ -309,9 +314,9 @@ class Engine(_Serving):
         """Prefill rows -> one token each; decode rows -> a list of tokens each ([1], or up to K
         with per-row `limits` in a multi-step call)."""
         batch, sampling = self._pack(rows)
-        steps = np.zeros(batch.tokens.shape[0], np.int32)
-        steps[:len(rows)] = limits or 1
-        tokens, logits, counts, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling, steps)
+        row_limits = np.zeros(batch.tokens.shape[0], np.int32)
+        row_limits[:len(rows)] = limits or 1
+        tokens, logits, counts, self.kv = self._steps[absorbed](self.leaves, self.kv, batch, sampling, row_limits)
         tokens, counts = jax.device_get((tokens, counts))                         # [steps, B], [L, E]
         self._step_counts = counts if self._step_counts is None else self._step_counts + counts
         if self.keep_logits:
@@ -424,10 +429,9 @@ class DataParallelEngine(_Serving):
             self.replicas.append(engine)
         self.cfg, self.config = model.cfg, config
         self._pool = ThreadPoolExecutor(max_workers=config.replicas, thread_name_prefix="orcinus-replica")
-        self._where: dict[int, tuple[int, int]] = {}            # group rid -> (replica, its rid)
         self._group_rid: list[dict[int, int]] = [{} for _ in self.replicas]
         self._outstanding = [0] * config.replicas              # tokens still to process, per replica
-        self._cost: dict[int, int] = {}
+        self._cost: dict[int, int] = {}                        # group rid -> prompt + max_tokens
         self._steps = 0
         self._blocks_used: list[int] = []
 
@@ -435,8 +439,7 @@ class DataParallelEngine(_Serving):
         """Queue a request on the least-loaded replica; ValueError (nothing queued) as `Engine.add`."""
         r = min(range(len(self.replicas)), key=lambda i: self._outstanding[i])
         local = self.replicas[r].add(prompt, params, arrival=arrival)
-        rid = len(self._where)
-        self._where[rid] = (r, local)
+        rid = len(self._cost)
         self._group_rid[r][local] = rid
         self._cost[rid] = len(prompt) + params.max_tokens
         self._outstanding[r] += self._cost[rid]
@@ -463,8 +466,12 @@ class DataParallelEngine(_Serving):
         return finished
 
     @property
+    def generated_tokens(self) -> int:
+        return sum(e.stats.generated_tokens for e in self.replicas)
+
+    @property
     def stats(self) -> ServingStats:
-        """The replicas' statistics as one: counts and latencies pooled, wall time from the first
+        """The replicas' statistics as one (built on each read): counts and latencies pooled, wall time from the first
         start to the last step, cache use over all replicas' blocks, and prefill time as the
         replicas' sum over their count (they share the machine, so that is its share of the wall)."""
         parts = [e.stats for e in self.replicas]

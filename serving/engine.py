@@ -409,8 +409,10 @@ class DataParallelEngine(_Serving):
     (prompt + max_tokens of its unfinished requests); `step()` steps every replica with work, one
     thread each, and returns what finished in any. Replicas go round-robin over the local
     accelerators; on CPU they share the one device, and their concurrent XLA executions keep the
-    cores busy where one execution's thunks leave them idle. Same API as `Engine` (rids are the
-    group's); `rebalance` re-places experts by the summed load and rebuilds every replica.
+    cores busy where one execution's thunks leave them idle (threads, not processes: replicas in
+    their own processes, each pinned to a core, were 15-25% slower on 2 cores; BENCHMARKS.md).
+    Same API as `Engine` (rids are the group's); `rebalance` re-places experts by the summed load
+    and rebuilds every replica.
     """
 
     def __init__(self, model: Transformer, config: EngineConfig, *,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -416,16 +416,23 @@ class DataParallelEngine(_Serving):
     """
 
     def __init__(self, model: Transformer, config: EngineConfig, *,
-                 detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False):
+                 detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False,
+                 devices: Sequence[jax.Device] | None = None):
+        """devices: where the replicas go, round-robin (each holds the model and its cache there);
+        default every local accelerator, or on CPU the first device (replicas share the cores)."""
         if config.replicas < 2:
             raise ValueError(f"EngineConfig.replicas={config.replicas}: a DataParallelEngine needs >= 2 (else Engine)")
         one = dataclasses.replace(config, replicas=1)
-        devices = jax.local_devices() if jax.default_backend() != "cpu" else jax.local_devices()[:1]
+        if devices is None:
+            devices = jax.local_devices() if jax.default_backend() != "cpu" else jax.local_devices()[:1]
+        if not devices:
+            raise ValueError("DataParallelEngine(devices=[]): name at least one device (or None for the default)")
         graphdef, state = nnx.split(model)
         self.replicas = []
         for r in range(config.replicas):
             device = devices[r % len(devices)]
-            on = model if len(devices) == 1 else nnx.merge(graphdef, jax.device_put(state, device))
+            held = all(x.devices() == {device} for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
+            on = model if held else nnx.merge(graphdef, jax.device_put(state, device))   # held: one executable
             engine = Engine(on, one, detokenize=detokenize, keep_logits=keep_logits)
             engine.kv = jax.device_put(engine.kv, device)
             self.replicas.append(engine)

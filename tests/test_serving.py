@@ -145,6 +145,25 @@ def test_data_parallel_engine_equals_reference(net, prompts, reference):
     assert [c.token_ids for c in again] == [ref for ref, _ in reference[:3]]
 
 
+def test_data_parallel_replicas_on_their_own_devices(net, prompts, reference):
+    """Replicas placed on named devices (here two of the suite's simulated CPU devices, as on a
+    multi-GPU host): each holds its parameters and cache on its device and computes there, and the
+    tokens are still the no-cache loop's."""
+    devices = jax.local_devices()[1:3]
+    assert len(devices) == 2, "conftest simulates 8 CPU devices"
+    config = EngineConfig(num_blocks=64, **{**SMALL, "max_running": 4}, replicas=2)
+    with pytest.raises(ValueError, match="at least one device"):
+        DataParallelEngine(net, config, devices=[])
+    engine = make_engine(net, config, devices=devices)
+    for replica, device in zip(engine.replicas, devices):
+        assert replica.kv.devices() == {device}
+        assert {d for leaf in replica.leaves for d in leaf.devices()} == {device}
+    done = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts])
+    assert [c.token_ids for c in done] == [ref for ref, _ in reference]
+    assert all(e.stats.requests > 0 for e in engine.replicas)
+    assert [e.kv.devices() for e in engine.replicas] == [{d} for d in devices]      # the cache stayed put
+
+
 def test_seeded_sampling_reproducible_across_batches(net, prompts):
     params = [SamplingParams(max_tokens=NEW, temperature=1.0, top_k=50, top_p=0.9, seed=s) for s in (1, 2, 1)]
     cfg = EngineConfig(num_blocks=64, **SMALL)

@@ -427,15 +427,8 @@ class DataParallelEngine(_Serving):
             devices = jax.local_devices() if jax.default_backend() != "cpu" else jax.local_devices()[:1]
         if not devices:
             raise ValueError("DataParallelEngine(devices=[]): name at least one device (or None for the default)")
-        graphdef, state = nnx.split(model)
-        self.replicas = []
-        for r in range(config.replicas):
-            device = devices[r % len(devices)]
-            held = all(x.devices() == {device} for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
-            on = model if held else nnx.merge(graphdef, jax.device_put(state, device))   # held: one executable
-            engine = Engine(on, one, detokenize=detokenize, keep_logits=keep_logits)
-            engine.kv = jax.device_put(engine.kv, device)
-            self.replicas.append(engine)
+        self.replicas = [_engine_on(devices[r % len(devices)], model, one, detokenize=detokenize,
+                                    keep_logits=keep_logits) for r in range(config.replicas)]
         self.cfg, self.config = model.cfg, config
         self._pool = ThreadPoolExecutor(max_workers=config.replicas, thread_name_prefix="orcinus-replica")
         self._group_rid: list[dict[int, int]] = [{} for _ in self.replicas]
@@ -523,9 +516,27 @@ class DataParallelEngine(_Serving):
         return report
 
 
-def make_engine(model: Transformer, config: EngineConfig = EngineConfig(), **engine_kw) -> Engine | DataParallelEngine:
-    """An `Engine`, or a `DataParallelEngine` when config.replicas > 1."""
-    return (DataParallelEngine if config.replicas > 1 else Engine)(model, config, **engine_kw)
+def _engine_on(device: jax.Device, model: Transformer, config: EngineConfig, **engine_kw) -> Engine:
+    """An `Engine` whose parameters and cache live on `device` (the model as is when it is there
+    already, so engines on one device share their compiled, parameter-baked step functions)."""
+    graphdef, state = nnx.split(model)
+    held = all(x.devices() == {device} for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
+    engine = Engine(model if held else nnx.merge(graphdef, jax.device_put(state, device)), config, **engine_kw)
+    engine.kv = jax.device_put(engine.kv, device)
+    return engine
+
+
+def make_engine(model: Transformer, config: EngineConfig = EngineConfig(), *,
+                devices: Sequence[jax.Device] | None = None, **engine_kw) -> Engine | DataParallelEngine:
+    """An `Engine`, or a `DataParallelEngine` when config.replicas > 1; `devices` places the
+    replicas (round-robin), or one engine on devices[0]."""
+    if config.replicas > 1:
+        return DataParallelEngine(model, config, devices=devices, **engine_kw)
+    if devices is None:
+        return Engine(model, config, **engine_kw)
+    if not devices:
+        raise ValueError("make_engine(devices=[]): name at least one device (or None for the default)")
+    return _engine_on(devices[0], model, config, **engine_kw)
 
 
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams = SamplingParams(),

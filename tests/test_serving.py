@@ -148,7 +148,7 @@ def test_data_parallel_engine_equals_reference(net, prompts, reference):
 def test_data_parallel_replicas_on_their_own_devices(net, prompts, reference):
     """Replicas placed on named devices (here two of the suite's simulated CPU devices, as on a
     multi-GPU host): each holds its parameters and cache on its device and computes there, and the
-    tokens are still the no-cache loop's."""
+    tokens are still the no-cache loop's; make_engine places one engine the same way."""
     devices = jax.local_devices()[1:3]
     assert len(devices) == 2, "conftest simulates 8 CPU devices"
     config = EngineConfig(num_blocks=64, **{**SMALL, "max_running": 4}, replicas=2)
@@ -162,6 +162,10 @@ def test_data_parallel_replicas_on_their_own_devices(net, prompts, reference):
     assert [c.token_ids for c in done] == [ref for ref, _ in reference]
     assert all(e.stats.requests > 0 for e in engine.replicas)
     assert [e.kv.devices() for e in engine.replicas] == [{d} for d in devices]      # the cache stayed put
+    single = make_engine(net, EngineConfig(num_blocks=64, **SMALL), devices=devices[1:])   # one engine, placed
+    assert isinstance(single, Engine) and single.kv.devices() == {devices[1]}
+    assert [c.token_ids for c in single.run([(prompts[2], SamplingParams(max_tokens=NEW))])] == [reference[2][0]]
+    assert single.kv.devices() == {devices[1]}
 
 
 def test_seeded_sampling_reproducible_across_batches(net, prompts):

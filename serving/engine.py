@@ -199,6 +199,12 @@ class Engine(_Serving):
             self._steps["multi"] = _step_fn(graphdef, treedef, self.leaves, self.spec, True, bake,
                                             self.config.decode_steps)
 
+    @property
+    def device(self) -> jax.Device:
+        """Where the engine computes: its cache's device."""
+        (device,) = self.kv.devices()
+        return device
+
     def model(self) -> Transformer:
         """The served model (a new module over the engine's parameter arrays)."""
         return nnx.merge(self._graphdef, jax.tree.unflatten(self._treedef, self.leaves))
@@ -238,7 +244,7 @@ class Engine(_Serving):
         new = eplb.rebalance(np.concatenate([load, mtp]), E + redundant, num_groups or self.cfg.num_expert_groups,
                              num_nodes, num_gpus)
         eplb.apply_placement(m, None, new)
-        self._build(m)
+        self._build(_on_device(m, self.device))                        # new slot arrays: onto the engine's device
         return eplb.report(load, new.layers(L), previous=old.layers(L))
 
     # -- requests --
@@ -511,17 +517,23 @@ class DataParallelEngine(_Serving):
             raise ValueError("the model has no MoE layers: EPLB has no experts to place")
         report = self.replicas[0].rebalance(num_gpus, redundant, num_groups=num_groups, num_nodes=num_nodes,
                                             load=merged.load())
-        for e in self.replicas[1:]:
-            e._build(self.replicas[0].model())
+        for e in self.replicas[1:]:                                     # parameters stay on each replica's device
+            e._build(_on_device(self.replicas[0].model(), e.device))
         return report
 
 
-def _engine_on(device: jax.Device, model: Transformer, config: EngineConfig, **engine_kw) -> Engine:
-    """An `Engine` whose parameters and cache live on `device` (the model as is when it is there
-    already, so engines on one device share their compiled, parameter-baked step functions)."""
+def _on_device(model: Transformer, device: jax.Device) -> Transformer:
+    """The model with its parameters on `device`: the model itself when they are there already, so
+    engines on one device share their compiled, parameter-baked step functions."""
     graphdef, state = nnx.split(model)
-    held = all(x.devices() == {device} for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
-    engine = Engine(model if held else nnx.merge(graphdef, jax.device_put(state, device)), config, **engine_kw)
+    if all(x.devices() == {device} for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+        return model
+    return nnx.merge(graphdef, jax.device_put(state, device))
+
+
+def _engine_on(device: jax.Device, model: Transformer, config: EngineConfig, **engine_kw) -> Engine:
+    """An `Engine` whose parameters and cache live on `device`."""
+    engine = Engine(_on_device(model, device), config, **engine_kw)
     engine.kv = jax.device_put(engine.kv, device)
     return engine
 

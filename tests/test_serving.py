@@ -162,6 +162,11 @@ def test_data_parallel_replicas_on_their_own_devices(net, prompts, reference):
     assert [c.token_ids for c in done] == [ref for ref, _ in reference]
     assert all(e.stats.requests > 0 for e in engine.replicas)
     assert [e.kv.devices() for e in engine.replicas] == [{d} for d in devices]      # the cache stayed put
+    engine.rebalance(num_gpus=2, redundant=2)                          # rebuilt replicas stay on their devices
+    for replica, device in zip(engine.replicas, devices):
+        assert {d for leaf in replica.leaves for d in leaf.devices()} == {device}
+    again = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts[:2]])
+    assert [c.token_ids for c in again] == [ref for ref, _ in reference[:2]]
     single = make_engine(net, EngineConfig(num_blocks=64, **SMALL), devices=devices[1:])   # one engine, placed
     assert isinstance(single, Engine) and single.kv.devices() == {devices[1]}
     assert [c.token_ids for c in single.run([(prompts[2], SamplingParams(max_tokens=NEW))])] == [reference[2][0]]

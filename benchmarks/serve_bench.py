@@ -1,10 +1,10 @@
 """The serving engine vs Hugging Face transformers `generate` on CPU: output tokens/s, same weights.
 
 For each completion length (`--new`: short completions, where prefill weighs more, and longer
-ones, where decode dominates) and batch size, the same random prompts go through the serving engine (paged latent cache,
-continuous batching, greedy; one engine, and `DataParallelEngine` with one replica per core) and
-through transformers' DeepseekV3ForCausalLM.generate (greedy, its dynamic KV cache), both in
-float32, in one process. Each side runs once to warm up (our step functions compile there);
+ones, where decode dominates) and batch size, the same random prompts go through the serving
+engine (paged latent cache, continuous batching, greedy; one engine, and `DataParallelEngine`
+with one replica per core) and through transformers' DeepseekV3ForCausalLM.generate (greedy, its
+dynamic KV cache), both in float32, in one process. Each side runs once to warm up (our step functions compile there);
 then the sides take turns (orcinus, transformers at 1 torch thread, transformers at one per core,
 `--repeat` rounds), each running twice in its turn and timed the second time, so every timed run
 starts warm and a noisy neighbour on a shared machine slows both sides alike; each side's median

@@ -7,6 +7,9 @@ loaded). --input takes one prompt per line, or JSONL (a .jsonl file) with a "pro
 the sampling fields max_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids (and an
 optional "id"). A bad line (malformed JSON, empty or over-long prompt, invalid field) gets an
 error record in the output; the others complete. The last output line holds the statistics.
+--output streams: each record is written (in input order) as soon as it and those before it are
+final, into OUTPUT.partial, which replaces OUTPUT when the run ends; an interrupted run keeps
+the records that finished there, and an existing OUTPUT is untouched until then.
 
 --eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
 end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +43,8 @@ def parse_args(argv=None):
                    help="a train.py output or a Hugging Face DeepSeek-V2/V3 dir (with tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter/compute dtype")
     p.add_argument("--input", help="one prompt per line, or a .jsonl file of requests (default: built-in prompts)")
-    p.add_argument("--output", help="write one JSON record per request, then the statistics, here")
+    p.add_argument("--output", help="write one JSON record per request (streamed, in input order), then the "
+                   "statistics, here")
     p.add_argument("--max-running", type=int, default=16, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=int, default=256, help="cache blocks of 64 tokens")
     p.add_argument("--chunk-tokens", type=int, default=256, help="prefill tokens per step (chunked prefill)")
@@ -150,7 +155,10 @@ def read_requests(path: str | None) -> list[dict]:
     """One dict a line: {"prompt", "fields", "id"} or {"error"}; JSONL when the file ends in .jsonl."""
     if path is None:
         return [dict(id=i, prompt=t, fields={}) for i, t in enumerate(PROMPTS)]
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"serve.py: cannot read --input {path}: {e}") from e
     if not path.endswith(".jsonl"):
         return [dict(id=i, prompt=t, fields={}) for i, t in enumerate(lines)]
     out = []
@@ -169,9 +177,10 @@ def read_requests(path: str | None) -> list[dict]:
 
 def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingParams, config: EngineConfig,
           *, price_per_hour: float = 2.0, progress: bool = True,
-          eplb_report: EPLBReport | None = None) -> tuple[list[dict], dict]:
+          eplb_report: EPLBReport | None = None, output: Output | None = None) -> tuple[list[dict], dict]:
     """Run the requests; returns one record per request (input order) and the statistics (with
-    the EPLB report under "eplb" when asked for)."""
+    the EPLB report under "eplb" when asked for). `output` receives the records as they become
+    final, then the statistics."""
     if eplb_report is not None:
         eplb_report.check(m.cfg)
     engine = make_engine(m, config, detokenize=tok.decode)
@@ -190,6 +199,8 @@ def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingPar
             records[i] = dict(id=r["id"], prompt=r["prompt"])
         except (ValueError, TypeError) as e:
             records[i] = dict(id=r["id"], error=str(e))
+    if output is not None:
+        output.advance(records)
     bar = tqdm(total=len(rids), unit="req", disable=not progress, file=sys.stderr)
     start = time.perf_counter()
     while engine.has_work():
@@ -198,13 +209,59 @@ def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingPar
                                         ttft_s=round(c.ttft_s, 6), tpot_s=None if c.tpot_s is None else
                                         round(c.tpot_s, 6), preemptions=c.preemptions)
             bar.update(1)
+        if output is not None:
+            output.advance(records)
         bar.set_postfix_str(f"{engine.generated_tokens / (time.perf_counter() - start):.1f} tok/s",
                             refresh=False)
     bar.close()
     stats = engine.stats.summary(price_per_hour)
     if eplb_report is not None:
         stats["eplb"] = eplb_report.write(engine)
+    if output is not None:
+        output.close(stats)
     return records, stats
+
+
+class Output:
+    """--output as a stream: records go to PATH.partial in input order, each written and flushed
+    once it and every record before it are final (an error, or a completion), so an interrupted
+    run keeps what finished; `close` adds the statistics line and renames the file to PATH (an
+    existing PATH survives until then). Opened before any work, so a bad path fails first."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if self.path.is_dir():
+            raise SystemExit(f"serve.py: --output {path} is a directory; name a file (e.g. {self.path / 'out.jsonl'})")
+        try:
+            self.file = open(self.partial, "w")
+        except OSError as e:
+            raise SystemExit(f"serve.py: cannot write --output {path} ({self.partial}: {e.strerror}); "
+                             "create the directory or pick another path") from e
+        self.written = 0
+
+    def advance(self, records: list[dict]) -> None:
+        while self.written < len(records) and ("error" in records[self.written]
+                                               or "completion" in records[self.written]):
+            self.file.write(json.dumps(records[self.written]) + "\n")
+            self.written += 1
+        self.file.flush()
+
+    def close(self, stats: dict) -> None:
+        self.file.write(json.dumps(dict(stats=stats)) + "\n")
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def abandon(self) -> None:
+        """A failed run: keep the partial file if it holds records, say where."""
+        if self.file.closed:
+            return
+        self.file.close()
+        if self.written:
+            print(f"serve.py: the run stopped; the {self.written} records that finished are in {self.partial}",
+                  file=sys.stderr)
+        else:
+            self.partial.unlink(missing_ok=True)
 
 
 def generate(m: model.Transformer, prompts: list[list[int]], max_tokens: int, temperature: float, seed: int,
@@ -217,13 +274,20 @@ def generate(m: model.Transformer, prompts: list[list[int]], max_tokens: int, te
 
 def main(argv=None):
     args = parse_args(argv)
-    m, tok = load(args.checkpoint, args.dtype)
-    requests = read_requests(args.input)
+    requests = read_requests(args.input)                  # bad paths fail before the model loads
+    output = Output(args.output) if args.output else None
     try:
+        m, tok = load(args.checkpoint, args.dtype)
         records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,
-                               progress=not args.no_progress, eplb_report=args.eplb)
+                               progress=not args.no_progress, eplb_report=args.eplb, output=output)
     except ValueError as e:               # an engine setting this model cannot take (e.g. fp8 cache shape)
+        if output is not None:
+            output.abandon()
         raise SystemExit(f"serve.py: {e}") from e
+    except BaseException:
+        if output is not None:
+            output.abandon()
+        raise
     for r in records:
         if "error" in r:
             print(f"--- request {r['id']}: error: {r['error']}")
@@ -232,11 +296,6 @@ def main(argv=None):
     print(format_summary(stats) + "\n(wall time and TTFT include compiling the step functions)")
     if "eplb" in stats:
         print(format_eplb(stats["eplb"]))
-    if args.output:
-        with open(args.output, "w") as sink:
-            for r in records:
-                sink.write(json.dumps(r) + "\n")
-            sink.write(json.dumps(dict(stats=stats)) + "\n")
     return records, stats
 
 

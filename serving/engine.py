@@ -173,7 +173,7 @@ class Engine(_Serving):
         self.detokenize = detokenize
         self.keep_logits = keep_logits
         self.logits: dict[int, list[np.ndarray]] = {}     # rid -> logits of each sampled token (keep_logits)
-        self.sequences: dict[int, Sequence] = {}
+        self.sequences: dict[int, Sequence] = {}          # rid -> unfinished request (finished ones leave)
         self.stats = ServingStats(num_blocks=config.num_blocks)
         # real tokens per (MoE layer, routed expert) over the last `load_window` steps; None without MoE layers
         self.expert_load = (eplb.ExpertLoad(cfg.num_moe_layers, cfg.num_routed_experts, config.load_window)
@@ -379,6 +379,7 @@ class Engine(_Serving):
             seq.text = self._text(seq)
         seq.finish_reason, seq.finished_at = reason, now
         self.scheduler.finish(seq)
+        del self.sequences[seq.rid]                    # a long run holds only its live requests
         return [self._completion(seq)]
 
     def _text(self, seq: Sequence) -> str:
@@ -437,9 +438,11 @@ class DataParallelEngine(_Serving):
                                     keep_logits=keep_logits) for r in range(config.replicas)]
         self.cfg, self.config = model.cfg, config
         self._pool = ThreadPoolExecutor(max_workers=config.replicas, thread_name_prefix="orcinus-replica")
-        self._group_rid: list[dict[int, int]] = [{} for _ in self.replicas]
+        self._group_rid: list[dict[int, int]] = [{} for _ in self.replicas]   # unfinished requests only
         self._outstanding = [0] * config.replicas              # tokens still to process, per replica
-        self._cost: dict[int, int] = {}                        # group rid -> prompt + max_tokens
+        self._cost: dict[int, int] = {}                        # group rid -> prompt + max_tokens (unfinished)
+        self._finished_logits: dict[int, list[np.ndarray]] = {}   # group rid -> logits (keep_logits)
+        self._next_rid = 0
         self._steps = 0
         self._blocks_used: list[int] = []
 
@@ -447,7 +450,7 @@ class DataParallelEngine(_Serving):
         """Queue a request on the least-loaded replica; ValueError (nothing queued) as `Engine.add`."""
         r = min(range(len(self.replicas)), key=lambda i: self._outstanding[i])
         local = self.replicas[r].add(prompt, params, arrival=arrival)
-        rid = len(self._cost)
+        rid, self._next_rid = self._next_rid, self._next_rid + 1
         self._group_rid[r][local] = rid
         self._cost[rid] = len(prompt) + params.max_tokens
         self._outstanding[r] += self._cost[rid]
@@ -468,8 +471,10 @@ class DataParallelEngine(_Serving):
         finished = []
         for r, done in zip(busy, results):
             for c in done:
-                rid = self._group_rid[r][c.rid]
-                self._outstanding[r] -= self._cost[rid]
+                rid = self._group_rid[r].pop(c.rid)
+                self._outstanding[r] -= self._cost.pop(rid)
+                if c.rid in self.replicas[r].logits:
+                    self._finished_logits[rid] = self.replicas[r].logits.pop(c.rid)
                 finished.append(dataclasses.replace(c, rid=rid))
         return finished
 
@@ -497,7 +502,8 @@ class DataParallelEngine(_Serving):
     @property
     def logits(self) -> dict[int, list[np.ndarray]]:
         """Group rid -> logits of each sampled token (keep_logits)."""
-        return {self._group_rid[r][local]: lg for r, e in enumerate(self.replicas) for local, lg in e.logits.items()}
+        live = {self._group_rid[r][local]: lg for r, e in enumerate(self.replicas) for local, lg in e.logits.items()}
+        return {**self._finished_logits, **live}
 
     @property
     def expert_load(self) -> _MergedLoad | None:

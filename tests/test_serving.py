@@ -76,6 +76,7 @@ def test_engine_greedy_equals_full_recompute(net, prompts, reference, num_blocks
         assert max(errs) < 1e-5, (c.rid, int(np.argmax(errs)), max(errs))
     stats = engine.stats.summary()
     assert stats["generated_tokens"] == NEW * len(prompts) and stats["finished"] == len(prompts)
+    assert engine.sequences == {}                            # finished requests leave (a long run stays bounded)
     if num_blocks == 4:       # 256 cache tokens for 5 prompts of up to 136: someone must be preempted
         assert stats["preemptions"] > 0 and sum(c.preemptions for c in done) == stats["preemptions"]
     assert stats["cache_utilisation_peak"] <= 1.0
@@ -141,8 +142,11 @@ def test_data_parallel_engine_equals_reference(net, prompts, reference):
     report = engine.rebalance(num_gpus=2, redundant=2)
     assert report["mean_after"] <= report["mean_before"]
     assert {e.placement(2).num_physical for e in engine.replicas} == {net.cfg.num_routed_experts + 2}
+    assert not any(engine._group_rid) and not engine._cost      # finished requests leave the group's maps
     again = engine.run([(p, SamplingParams(max_tokens=NEW)) for p in prompts[:3]])
     assert [c.token_ids for c in again] == [ref for ref, _ in reference[:3]]
+    assert [c.rid for c in again] == [5, 6, 7]                   # group rids stay unique
+    assert max(rel_err(a, b) for a, b in zip(engine.logits[7], reference[2][1])) < 1e-5
 
 
 def test_data_parallel_replicas_on_their_own_devices(net, prompts, reference):
@@ -326,6 +330,57 @@ def test_serve_bad_lines_fail_alone(net, tmp_path, replicas):
     assert stats["requests"] == 2 and stats["finished"] == 2 and stats["usd_per_m_output_tokens"] > 0
 
 
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_serve_output_streams_and_survives_an_interrupt(net, tmp_path, monkeypatch, capsys):
+    """--output: records reach OUTPUT.partial in input order as they finish, the statistics last,
+    then the file replaces OUTPUT; an interrupted run leaves OUTPUT as it was and the finished
+    records in OUTPUT.partial; a bad path fails before the model loads."""
+    lines = [json.dumps(dict(prompt="def f(", max_tokens=1)), "{not json", json.dumps(dict(prompt="ab", max_tokens=2)),
+             json.dumps(dict(prompt="import", max_tokens=4))]           # the first finishes in the prefill step
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(serve, "load", lambda checkpoint, dtype: (net, serve.Bytes()))
+    small = ["--max-running", "4", "--chunk-tokens", "32", "--no-progress", "--input", str(inp), "--output", str(out)]
+    seen = []                                     # the partial file's lines at each advance
+    advance = serve.Output.advance
+
+    def watch(self, records):
+        advance(self, records)
+        seen.append(len(self.partial.read_text().splitlines()))
+    monkeypatch.setattr(serve.Output, "advance", watch)
+    records, _ = serve.main(small)
+    rows = _jsonl(out)
+    assert [r.get("id") for r in rows[:-1]] == [0, 1, 2, 3] and "stats" in rows[-1]
+    assert rows[:-1] == records and "line 2" in rows[1]["error"] and rows[3]["tokens"] == 4
+    assert seen[:2] == [0, 2] and seen[-1] == 4               # streamed: the first two after the prefill step
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+    def interrupted(self, records):                # killed once two records are written
+        advance(self, records)
+        if self.written >= 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(serve.Output, "advance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        serve.main(small)
+    assert _jsonl(out) == rows                                     # the old output is untouched
+    kept = _jsonl(tmp_path / "out.jsonl.partial")
+    untimed = [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in rows]
+    assert len(kept) >= 2 and [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in kept] == \
+        untimed[:len(kept)]
+    assert "records that finished are in" in capsys.readouterr().err
+
+    monkeypatch.setattr(serve, "load", lambda *a: pytest.fail("the model loaded before the output path was checked"))
+    with pytest.raises(SystemExit, match="create the directory"):
+        serve.main([*small[:-1], str(tmp_path / "missing" / "o.jsonl")])
+    with pytest.raises(SystemExit, match="is a directory"):
+        serve.main([*small[:-1], str(tmp_path)])
+    with pytest.raises(SystemExit, match="cannot read --input"):
+        serve.main(["--input", str(tmp_path / "nope.txt")])
+
+
 def test_engine_v3_latent_shapes_fp8_cache():
     """A model with V3's latent widths (512 + 64), so decode takes FlashMLA's own path
     (`mla_decode`: the kernel on a GPU, its reference here) over the FP8 paged cache."""
@@ -334,8 +389,8 @@ def test_engine_v3_latent_shapes_fp8_cache():
     net = model.Transformer(cfg, rngs=nnx.Rngs(1))
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 20)]
     engine = Engine(net, EngineConfig(num_blocks=4, cache_dtype="fp8", decode_steps=1), keep_logits=True)
-    engine.run([(prompt, SamplingParams(max_tokens=3))])
-    tokens = prompt + engine.sequences[0].generated
+    done = engine.run([(prompt, SamplingParams(max_tokens=3))])
+    tokens = prompt + done[0].token_ids
     want = np.asarray(net(jnp.asarray([tokens[:-1]]))[0, len(prompt) - 1:])         # [3, V]
     errs = [rel_err(a, b) for a, b in zip(engine.logits[0], want)]
     assert engine.kv.dtype == jnp.uint8 and engine.kv.shape[-1] == flash_mla.FP8_TOKEN_BYTES

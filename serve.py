@@ -9,7 +9,8 @@ optional "id"). A bad line (malformed JSON, empty or over-long prompt, invalid f
 error record in the output; the others complete. The last output line holds the statistics.
 --output streams: each record is written (in input order) as soon as it and those before it are
 final, into OUTPUT.partial, which replaces OUTPUT when the run ends; an interrupted run keeps
-the records that finished there, and an existing OUTPUT is untouched until then.
+the records that finished there, and an existing OUTPUT is untouched until then. --resume
+continues such a run: the requests already in OUTPUT.partial are skipped (same --input).
 
 --eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
 end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--input", help="one prompt per line, or a .jsonl file of requests (default: built-in prompts)")
     p.add_argument("--output", help="write one JSON record per request (streamed, in input order), then the "
                    "statistics, here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --output run: keep the records in OUTPUT.partial, skip their requests")
     p.add_argument("--max-running", type=int, default=16, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=int, default=256, help="cache blocks of 64 tokens")
     p.add_argument("--chunk-tokens", type=int, default=256, help="prefill tokens per step (chunked prefill)")
@@ -226,19 +229,50 @@ class Output:
     """--output as a stream: records go to PATH.partial in input order, each written and flushed
     once it and every record before it are final (an error, or a completion), so an interrupted
     run keeps what finished; `close` adds the statistics line and renames the file to PATH (an
-    existing PATH survives until then). Opened before any work, so a bad path fails first."""
+    existing PATH survives until then). Opened before any work, so a bad path fails first.
+    resume=True keeps the records an interrupted run left in PATH.partial (`kept`, its first
+    requests'); without it an existing PATH.partial is an error, never silently overwritten."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume: bool = False):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         if self.path.is_dir():
             raise SystemExit(f"serve.py: --output {path} is a directory; name a file (e.g. {self.path / 'out.jsonl'})")
+        self.kept = self._kept() if resume else []
+        if not resume and self.partial.exists():
+            raise SystemExit(f"serve.py: {self.partial} holds the records of an interrupted run: pass --resume to "
+                             "continue it, or delete it to start over")
         try:
-            self.file = open(self.partial, "w")
+            self.file = open(self.partial, "a" if self.kept else "w")
         except OSError as e:
             raise SystemExit(f"serve.py: cannot write --output {path} ({self.partial}: {e.strerror}); "
                              "create the directory or pick another path") from e
-        self.written = 0
+        self.written = 0                              # records written by this run
+
+    def _kept(self) -> list[dict]:
+        """The complete records in PATH.partial; a torn last line (killed mid-write) is cut off."""
+        if not self.partial.exists():
+            return []
+        data = self.partial.read_bytes()
+        whole = data[:data.rfind(b"\n") + 1]
+        try:
+            kept = [json.loads(line) for line in whole.decode().splitlines()]
+        except ValueError as e:
+            raise SystemExit(f"serve.py: --resume: {self.partial} is not serve.py output ({e}); delete it") from e
+        if kept and "stats" in kept[-1]:
+            raise SystemExit(f"serve.py: --resume: {self.partial} is a finished run (it ends with the statistics)")
+        if len(whole) < len(data):
+            self.partial.write_bytes(whole)
+        return kept
+
+    def check(self, requests: list[dict]) -> list[dict]:
+        """The requests still to run: those after the kept records, which must be the same input's."""
+        n = len(self.kept)
+        if len(requests) < n or any(k.get("id") != r["id"] or ("prompt" in k and k["prompt"] != r.get("prompt"))
+                                    for k, r in zip(self.kept, requests)):
+            raise SystemExit(f"serve.py: --resume: the {n} records in {self.partial} are not the first requests "
+                             "of this --input; resume with the same input, or delete the file")
+        return requests[n:]
 
     def advance(self, records: list[dict]) -> None:
         while self.written < len(records) and ("error" in records[self.written]
@@ -248,6 +282,8 @@ class Output:
         self.file.flush()
 
     def close(self, stats: dict) -> None:
+        if self.kept:
+            stats = dict(stats, resumed_after=len(self.kept))     # the statistics cover this run's requests
         self.file.write(json.dumps(dict(stats=stats)) + "\n")
         self.file.close()
         os.replace(self.partial, self.path)
@@ -257,9 +293,9 @@ class Output:
         if self.file.closed:
             return
         self.file.close()
-        if self.written:
-            print(f"serve.py: the run stopped; the {self.written} records that finished are in {self.partial}",
-                  file=sys.stderr)
+        if self.written + len(self.kept):
+            print(f"serve.py: the run stopped; the {self.written + len(self.kept)} records that finished are in "
+                  f"{self.partial} (--resume continues)", file=sys.stderr)
         else:
             self.partial.unlink(missing_ok=True)
 
@@ -275,7 +311,11 @@ def generate(m: model.Transformer, prompts: list[list[int]], max_tokens: int, te
 def main(argv=None):
     args = parse_args(argv)
     requests = read_requests(args.input)                  # bad paths fail before the model loads
-    output = Output(args.output) if args.output else None
+    if args.resume and not args.output:
+        raise SystemExit("serve.py: --resume continues an --output run; name its --output")
+    output = Output(args.output, resume=args.resume) if args.output else None
+    if output is not None:
+        requests = output.check(requests)
     try:
         m, tok = load(args.checkpoint, args.dtype)
         records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,

@@ -6,10 +6,10 @@ engine (paged latent cache, continuous batching, greedy; one engine, and `DataPa
 with one replica per core) and through transformers' DeepseekV3ForCausalLM.generate (greedy, its
 dynamic KV cache), both in float32, in one process. Each engine is built once and serves every
 run, as a live server does (its construction, like transformers' model load, is not timed). Each
-side runs once to warm up (our step functions compile there); then the sides take turns (orcinus, transformers at 1 torch thread, transformers at one per core,
-`--repeat` rounds), each running twice in its turn and timed the second time, so every timed run
-starts warm and a noisy neighbour on a shared machine slows both sides alike; each side's median
-counts. transformers' faster thread setting counts (on a loaded machine torch's spinning OpenMP
+side runs once to warm up (our step functions compile there); then the sides take turns
+(orcinus, transformers at 1 torch thread, transformers at one per core, `--repeat` rounds), each
+running twice in its turn and timed the second time, so every timed run starts warm and a noisy
+neighbour on a shared machine slows both sides alike; each side's median counts. transformers' faster thread setting counts (on a loaded machine torch's spinning OpenMP
 threads can be 10x slower than one thread).
 Ratios > 1 mean orcinus is faster.
 

@@ -334,10 +334,11 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_serve_output_streams_and_survives_an_interrupt(net, tmp_path, monkeypatch, capsys):
+def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, monkeypatch, capsys):
     """--output: records reach OUTPUT.partial in input order as they finish, the statistics last,
     then the file replaces OUTPUT; an interrupted run leaves OUTPUT as it was and the finished
-    records in OUTPUT.partial; a bad path fails before the model loads."""
+    records in OUTPUT.partial, which --resume continues (and nothing else overwrites); a bad path
+    fails before the model loads."""
     lines = [json.dumps(dict(prompt="def f(", max_tokens=1)), "{not json", json.dumps(dict(prompt="ab", max_tokens=2)),
              json.dumps(dict(prompt="import", max_tokens=4))]           # the first finishes in the prefill step
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -371,6 +372,21 @@ def test_serve_output_streams_and_survives_an_interrupt(net, tmp_path, monkeypat
     assert len(kept) >= 2 and [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in kept] == \
         untimed[:len(kept)]
     assert "records that finished are in" in capsys.readouterr().err
+
+    monkeypatch.setattr(serve.Output, "advance", advance)
+    with pytest.raises(SystemExit, match="pass --resume"):        # an interrupted run is never overwritten
+        serve.main(small)
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(lines[::-1]) + "\n")
+    with pytest.raises(SystemExit, match="same input"):
+        serve.main([*small[:-3], str(other), "--output", str(out), "--resume"])
+    with open(tmp_path / "out.jsonl.partial", "a") as f:
+        f.write('{"id": 2, "prom')                                  # killed mid-write: a torn last line
+    records, stats = serve.main([*small, "--resume"])
+    resumed = _jsonl(out)
+    assert [r["id"] for r in records] == [r["id"] for r in rows[len(kept):-1]]
+    assert [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in resumed[:-1]] == untimed[:-1]
+    assert resumed[-1]["stats"]["resumed_after"] == len(kept) == 2 and stats["requests"] == 2
 
     monkeypatch.setattr(serve, "load", lambda *a: pytest.fail("the model loaded before the output path was checked"))
     with pytest.raises(SystemExit, match="create the directory"):

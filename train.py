@@ -5,6 +5,9 @@ clipping at 1.0, the MTP loss, the sequence-wise balance loss, optional z-loss, 
 bias update (gamma) on expert loads. Data comes packed from the Grain pipeline (storage/); Orbax
 checkpoints hold model, optimizer, data-iterator state and config, and a run resumes from the latest
 one automatically. The final model is also exported in the Hugging Face layout for serve.py.
+A preemption notice (SIGTERM, as schedulers send before they kill a job) saves a checkpoint at the
+next step boundary and exits with 143; on several processes (jax.distributed) JAX's preemption
+service picks one step for every process, so their checkpoint is the same step. Ctrl-C also saves.
 With --mesh pipe=P and --pipeline-schedule, the MoE blocks run through the pipeline executor
 (sharding.pipeline_train).
 """
@@ -17,7 +20,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import typing
 from pathlib import Path
@@ -32,6 +37,49 @@ import model
 import sharding
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0}      # dense bf16, for MFU
+
+
+class Preempted(Exception):
+    """Raised at a step boundary once a preemption notice has arrived; `step` is the last step done."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+class Preemption:
+    """SIGTERM as a preemption notice, checked at step boundaries (`check(last_step_done)`).
+
+    One process: a handler records the signal (the previous handler comes back on exit). Several
+    processes: JAX's preemption service, started by jax.distributed.initialize, catches SIGTERM on
+    any process and picks the same sync step for all (multihost_utils.reached_preemption_sync_point,
+    called at every step), so every process saves that step's checkpoint together."""
+
+    def __init__(self):
+        self.signalled = False
+        self.distributed = jax.process_count() > 1
+        self._previous = None
+
+    def __enter__(self):
+        if not self.distributed and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._notice)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def _notice(self, signum, frame):
+        self.signalled = True
+
+    def check(self, step: int) -> None:
+        if self.distributed:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                raise Preempted(step)
+        elif self.signalled:
+            raise Preempted(step)
 
 
 # ---- flags -------------------------------------------------------------------------------------------
@@ -266,6 +314,25 @@ def _device_peak() -> float | None:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
+def _prepare_once(corpus_dir: Path, prepare) -> None:
+    """The embedded corpus at corpus_dir, prepared by whichever process gets there first: each
+    prepares into its own temporary directory and renames it into place (atomic; the losers drop
+    theirs), so processes sharing a disk never write or read a half-written shard."""
+    if (corpus_dir / "manifest.json").exists():
+        return
+    corpus_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = corpus_dir.with_name(f".{corpus_dir.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    prepare(tmp, progress=jax.process_index() == 0)
+    try:
+        os.rename(tmp, corpus_dir)                       # onto a missing or empty directory only
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (corpus_dir / "manifest.json").exists():
+            raise SystemExit(f"{corpus_dir} holds files but no manifest.json (an interrupted preparation?): "
+                             "remove it and rerun") from None
+
+
 def _export_atomically(m: model.Transformer, out: Path):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -368,8 +435,8 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     corpus_dir = Path(args.data) if args.data else out.parent / "data" / "embedded"
-    if not args.data and not (corpus_dir / "manifest.json").exists():
-        prepare_embedded_corpus(corpus_dir, progress=jax.process_index() == 0)
+    if not args.data:
+        _prepare_once(corpus_dir, prepare_embedded_corpus)
     corpus = open_corpus(corpus_dir)
     loader = make_loader(corpus, LoaderConfig(seq_len=args.seq_len, batch_size=args.batch // jax.process_count(),
                                               seed=args.seed))
@@ -394,8 +461,9 @@ def main(argv=None):
     records, peak, fpt = [], _device_peak(), flops_per_token(cfg, args.seq_len)
     window_tokens, window_start, loads, step = 0, time.perf_counter(), None, start
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), Preemption() as preemption:
             for step in range(start + 1, args.steps + 1):
+                preemption.check(step - 1)                            # every process, every step
                 if args.profile and step == 3:
                     jax.profiler.start_trace(str(out) + "-profile")
                 batch = {k: sharding.shard_batch(v, mesh) for k, v in next(loader).items()}
@@ -428,14 +496,17 @@ def main(argv=None):
                 window_tokens, window_start = 0, time.perf_counter()
                 if step % args.ckpt_every == 0:
                     ckpt.save(step, m, opt, loader)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Preempted) as stop:
+        preempted = isinstance(stop, Preempted)
+        step = stop.step if preempted else step
         log.close()
         ckpt.wait()
         if ckpt.latest_step() != step and step > start:
             ckpt.save(step, m, opt, loader, force=True)
         ckpt.close()
-        print(f"\ninterrupted at step {step}: checkpoint saved in {ckpt.directory}; rerun to resume")
-        sys.exit(130)
+        why = "preempted (SIGTERM)" if preempted else "interrupted"
+        print(f"\n{why} at step {step}: checkpoint saved in {ckpt.directory}; rerun to resume", flush=True)
+        sys.exit(143 if preempted else 130)
     except FloatingPointError as err:
         log.close()
         ckpt.close()

@@ -36,17 +36,35 @@ def _tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
     return sorted(found)
 
 
-def test_train_resume_then_serve(tmp_path, corpus):
-    out = tmp_path / "tiny"
-    train.main(["--steps", "4", "--out", str(out), "--data", corpus, *SMALL])
+def test_train_preempted_resume_then_serve(tmp_path, corpus, monkeypatch, capsys):
+    """train.py gets a preemption notice (SIGTERM, sent by the process to itself during step 3):
+    it stops at the step boundary with a checkpoint of step 3 (the periodic one was step 2) and
+    exit code 143, and restores the SIGTERM handler; the rerun resumes at step 3 and finishes;
+    serve.py completes prompts with the exported model."""
+    import os
+    import signal
+    out, step_fn, calls = tmp_path / "tiny", train.train_step, []
+
+    def train_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(*a, **kw)
+    monkeypatch.setattr(train, "train_step", train_step)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--steps", "6", "--out", str(out), "--data", corpus, *SMALL])
+    assert stop.value.code == 143 and len(calls) == 3 and signal.getsignal(signal.SIGTERM) is before
+    assert "preempted (SIGTERM) at step 3" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 4]
+    assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    train.main(["--steps", "6", "--out", str(out), "--data", corpus, *SMALL])        # resumes at step 3
+    assert "resumed from step 3" in capsys.readouterr().out and len(calls) == 6
     assert (out / "config.json").exists() and not (tmp_path / "tiny.tmp").exists()
     assert (tmp_path / "tiny-train.png").read_bytes()[:4] == b"\x89PNG"
-    train.main(["--steps", "6", "--out", str(out), "--data", corpus, *SMALL])        # resumes at step 4
     records = [json.loads(line) for line in (tmp_path / "tiny.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 4, 5, 6]
+    assert [r["step"] for r in records] == [1, 2, 4, 6]
     assert _tensorboard_scalars(tmp_path / "tiny-tb", "train/main") == [
         (r["step"], pytest.approx(r["main"], rel=1e-6)) for r in records]
     serve.main(["--checkpoint", str(out), "--max-tokens", "5", "--output", str(tmp_path / "o.jsonl")])
@@ -74,3 +92,37 @@ def test_bad_flags_fail_before_work(flags, words, capsys):
 def test_serve_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         serve.main(["--checkpoint", str(tmp_path / "absent")])
+
+
+
+def test_embedded_corpus_is_prepared_once_by_concurrent_processes(tmp_path):
+    """Processes sharing a disk each prepare into their own temporary directory and the first to
+    finish renames it into place, so none reads a shard another is still writing; a leftover
+    directory without a manifest is a clear error; the renamed corpus opens where it lands."""
+    import functools
+    import threading
+
+    from storage import open_corpus, prepare_embedded_corpus
+    target, barrier, wrote = tmp_path / "data" / "embedded", threading.Barrier(3), []
+
+    def prepare(out, progress):                    # all three prepare at once
+        barrier.wait()
+        out.mkdir(parents=True)
+        (out / "shard").write_text(str(len(wrote)))
+        (out / "manifest.json").write_text("{}")
+        wrote.append(out)
+    threads = [threading.Thread(target=train._prepare_once, args=(target, prepare)) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(wrote) == 3 and (target / "manifest.json").exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["embedded"]         # the losers' copies are gone
+    train._prepare_once(target, lambda *a, **k: pytest.fail("prepared again"))
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "shard-0").write_text("half")
+    with pytest.raises(SystemExit, match="remove it"):
+        train._prepare_once(stale, lambda out, progress: (out.mkdir(), (out / "manifest.json").write_text("{}")))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    real = tmp_path / "real"
+    train._prepare_once(real, functools.partial(prepare_embedded_corpus, max_tokens=1 << 16))
+    assert open_corpus(real).num_tokens >= 1 << 16

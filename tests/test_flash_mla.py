@@ -215,7 +215,7 @@ def test_tuning_config_rejects_bad_blocks():
         fm.TuningConfig(num_slots=1, pair_pages=True)
 
 
-def test_benchmark_entries_dry_run():
+def test_benchmark_entries_cover_flash_mla_shapes():
     from benchmarks import entries_flash_mla
     from benchmarks.registry import _ENTRIES
 
@@ -226,16 +226,13 @@ def test_benchmark_entries_dry_run():
     assert shapes == {f"flash_mla b=128 s_k={s_k} h_q=128 s_q={s_q}"
                       for s_k in (4096, 8192, 16384, 32768) for s_q in (1, 2)}
     checked = set()
-    for entry in mine:
+    for entry in mine:      # the kernel itself: test_gpu_suite's dry run of every entry interprets it
         args = entry.make_inputs(True)
         assert entry.flops(*args) > 0 and entry.bytes(*args) > 0
         key = tuple(a.shape for a in args)
-        if key in checked:       # dry shapes depend only on s_q: interpret each once
+        if key in checked:       # dry shapes depend only on s_q
             continue
         checked.add(key)
-        kernel = jax.jit(lambda *a: entry.kernel(*a, interpret=True))    # as gpu_suite does
-        err = entry.error(kernel(*args), entry.reference(*args))
-        assert err < entry.tolerance, (entry.name, err)
         for baseline in entry.baselines.values():
             assert entry.error(baseline(*args), entry.reference(*args)) < entry.tolerance
 

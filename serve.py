@@ -10,7 +10,8 @@ error record in the output; the others complete. The last output line holds the 
 --output streams: each record is written (in input order) as soon as it and those before it are
 final, into OUTPUT.partial, which replaces OUTPUT when the run ends; an interrupted run keeps
 the records that finished there, and an existing OUTPUT is untouched until then. --resume
-continues such a run: the requests already in OUTPUT.partial are skipped (same --input).
+continues such a run: the requests already in OUTPUT.partial are skipped (same --input); a
+complete OUTPUT is left as it is (exit 0), so a retry loop may always pass --resume.
 
 --eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
 end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--output", help="write one JSON record per request (streamed, in input order), then the "
                    "statistics, here")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted --output run: keep the records in OUTPUT.partial, skip their requests")
+                   help="continue an interrupted --output run: keep the records in OUTPUT.partial, skip their "
+                   "requests (nothing to do when OUTPUT is complete; a fresh run when neither file exists)")
     p.add_argument("--max-running", type=int, default=16, help="sequences in the running batch")
     p.add_argument("--num-blocks", type=int, default=256, help="cache blocks of 64 tokens")
     p.add_argument("--chunk-tokens", type=int, default=256, help="prefill tokens per step (chunked prefill)")
@@ -252,6 +254,10 @@ class Output:
     def _kept(self) -> list[dict]:
         """The complete records in PATH.partial; a torn last line (killed mid-write) is cut off."""
         if not self.partial.exists():
+            if self.path.exists():                    # that run finished: nothing to resume, nothing redone
+                print(f"serve.py: --resume: {self.path} is complete (no {self.partial.name} to resume); "
+                      "nothing to do", file=sys.stderr)
+                raise SystemExit(0)
             return []
         data = self.partial.read_bytes()
         whole = data[:data.rfind(b"\n") + 1]

@@ -387,6 +387,9 @@ def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, m
     assert [r["id"] for r in records] == [r["id"] for r in rows[len(kept):-1]]
     assert [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in resumed[:-1]] == untimed[:-1]
     assert resumed[-1]["stats"]["resumed_after"] == len(kept) == 2 and stats["requests"] == 2
+    with pytest.raises(SystemExit) as done:                          # a finished run is not redone
+        serve.main([*small, "--resume"])
+    assert done.value.code == 0 and _jsonl(out) == resumed and "is complete" in capsys.readouterr().err
 
     monkeypatch.setattr(serve, "load", lambda *a: pytest.fail("the model loaded before the output path was checked"))
     with pytest.raises(SystemExit, match="create the directory"):

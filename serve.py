@@ -327,13 +327,10 @@ def main(argv=None):
         records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,
                                progress=not args.no_progress, eplb_report=args.eplb, output=output)
     except ValueError as e:               # an engine setting this model cannot take (e.g. fp8 cache shape)
-        if output is not None:
-            output.abandon()
         raise SystemExit(f"serve.py: {e}") from e
-    except BaseException:
+    finally:
         if output is not None:
-            output.abandon()
-        raise
+            output.abandon()                  # a no-op once serve() has closed it
     for r in records:
         if "error" in r:
             print(f"--- request {r['id']}: error: {r['error']}")

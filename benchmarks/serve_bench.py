@@ -9,8 +9,9 @@ run, as a live server does (its construction, like transformers' model load, is 
 side runs once to warm up (our step functions compile there); then the sides take turns
 (orcinus, transformers at 1 torch thread, transformers at one per core, `--repeat` rounds), each
 running twice in its turn and timed the second time, so every timed run starts warm and a noisy
-neighbour on a shared machine slows both sides alike; each side's median counts. transformers' faster thread setting counts (on a loaded machine torch's spinning OpenMP
-threads can be 10x slower than one thread).
+neighbour on a shared machine slows both sides alike; each side's median counts. transformers'
+faster thread setting counts (on a loaded machine torch's spinning OpenMP threads can be 10x
+slower than one thread).
 Ratios > 1 mean orcinus is faster.
 
     python -m benchmarks.serve_bench [--batches 1 16] [--prompt 32] [--new 64 192] [--no-write]

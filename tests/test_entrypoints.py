@@ -94,7 +94,6 @@ def test_serve_without_checkpoint(tmp_path):
         serve.main(["--checkpoint", str(tmp_path / "absent")])
 
 
-
 def test_embedded_corpus_is_prepared_once_by_concurrent_processes(tmp_path):
     """Processes sharing a disk each prepare into their own temporary directory and the first to
     finish renames it into place, so none reads a shard another is still writing; a leftover

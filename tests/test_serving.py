@@ -334,6 +334,11 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _untimed(records: list[dict]) -> list[dict]:
+    """Records without their timings (which differ from run to run)."""
+    return [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in records]
+
+
 def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, monkeypatch, capsys):
     """--output: records reach OUTPUT.partial in input order as they finish, the statistics last,
     then the file replaces OUTPUT; an interrupted run leaves OUTPUT as it was and the finished
@@ -368,9 +373,7 @@ def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, m
         serve.main(small)
     assert _jsonl(out) == rows                                     # the old output is untouched
     kept = _jsonl(tmp_path / "out.jsonl.partial")
-    untimed = [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in rows]
-    assert len(kept) >= 2 and [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in kept] == \
-        untimed[:len(kept)]
+    assert len(kept) >= 2 and _untimed(kept) == _untimed(rows)[:len(kept)]
     assert "records that finished are in" in capsys.readouterr().err
 
     monkeypatch.setattr(serve.Output, "advance", advance)
@@ -385,7 +388,7 @@ def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, m
     records, stats = serve.main([*small, "--resume"])
     resumed = _jsonl(out)
     assert [r["id"] for r in records] == [r["id"] for r in rows[len(kept):-1]]
-    assert [{k: v for k, v in r.items() if k not in ("ttft_s", "tpot_s")} for r in resumed[:-1]] == untimed[:-1]
+    assert _untimed(resumed[:-1]) == _untimed(rows[:-1])
     assert resumed[-1]["stats"]["resumed_after"] == len(kept) == 2 and stats["requests"] == 2
     with pytest.raises(SystemExit) as done:                          # a finished run is not redone
         serve.main([*small, "--resume"])

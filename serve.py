@@ -11,7 +11,9 @@ error record in the output; the others complete. The last output line holds the 
 final, into OUTPUT.partial, which replaces OUTPUT when the run ends; an interrupted run keeps
 the records that finished there, and an existing OUTPUT is untouched until then. --resume
 continues such a run: the requests already in OUTPUT.partial are skipped (same --input); a
-complete OUTPUT is left as it is (exit 0), so a retry loop may always pass --resume.
+complete OUTPUT is left as it is (exit 0), so a retry loop may always pass --resume. The input is
+read as the run goes and, with --output, records are not held once written, so memory stays
+bounded by a window of requests (8 running batches, at least 256) however long the input.
 
 --eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
 end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),
@@ -27,6 +29,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -156,66 +159,115 @@ def load(checkpoint: str, dtype: str = "float32"):
     return model.load_hf_checkpoint(ckpt, dtype=dtype), tok
 
 
-def read_requests(path: str | None) -> list[dict]:
-    """One dict a line: {"prompt", "fields", "id"} or {"error"}; JSONL when the file ends in .jsonl."""
+def read_requests(path: str | None) -> Iterator[dict]:
+    """One dict a line, read as the run goes (never the whole file at once): {"prompt", "fields",
+    "id"} or {"error"}; JSONL when the file ends in .jsonl. The file opens here, so a bad path fails
+    before anything else; a line that is not UTF-8 gets an error record."""
     if path is None:
-        return [dict(id=i, prompt=t, fields={}) for i, t in enumerate(PROMPTS)]
+        return iter([dict(id=i, prompt=t, fields={}) for i, t in enumerate(PROMPTS)])
     try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        f = open(path, "rb")
+    except OSError as e:
         raise SystemExit(f"serve.py: cannot read --input {path}: {e}") from e
-    if not path.endswith(".jsonl"):
-        return [dict(id=i, prompt=t, fields={}) for i, t in enumerate(lines)]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError('a JSONL request must be an object with a string "prompt"')
-            rid = obj.pop("id", i)
-            prompt = obj.pop("prompt")
-            out.append(dict(id=rid, prompt=prompt, fields=obj))
-        except ValueError as e:       # json.JSONDecodeError is a ValueError
-            out.append(dict(id=i, error=f"line {i + 1}: {e}"))
-    return out
+    return _parse(f, jsonl=path.endswith(".jsonl"))
 
 
-def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingParams, config: EngineConfig,
-          *, price_per_hour: float = 2.0, progress: bool = True,
-          eplb_report: EPLBReport | None = None, output: Output | None = None) -> tuple[list[dict], dict]:
+def _parse(f, jsonl: bool) -> Iterator[dict]:
+    with f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode().removesuffix("\n").removesuffix("\r")
+                if not jsonl:
+                    yield dict(id=i, prompt=line, fields={})
+                    continue
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                    raise ValueError('a JSONL request must be an object with a string "prompt"')
+                rid = obj.pop("id", i)
+                prompt = obj.pop("prompt")
+                yield dict(id=rid, prompt=prompt, fields=obj)
+            except ValueError as e:       # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+                yield dict(id=i, error=f"line {i + 1}: {e}")
+
+
+def count_lines(path: str | None) -> int:
+    """Requests in --input (for the progress bar), counted without holding the file."""
+    if path is None:
+        return len(PROMPTS)
+    with open(path, "rb") as f:
+        n, last = 0, b"\n"
+        while block := f.read(1 << 20):
+            n, last = n + block.count(b"\n"), block[-1:]
+    return n + (last != b"\n")
+
+
+def serve(m: model.Transformer, tok, requests: Iterable[dict], defaults: SamplingParams, config: EngineConfig,
+          *, price_per_hour: float = 2.0, progress: bool | int = True, eplb_report: EPLBReport | None = None,
+          output: Output | None = None, window: int | None = None) -> tuple[list[dict], dict]:
     """Run the requests; returns one record per request (input order) and the statistics (with
-    the EPLB report under "eplb" when asked for). `output` receives the records as they become
-    final, then the statistics."""
+    the EPLB report under "eplb" when asked for). With `output`, each record goes there as soon as it
+    and those before it are final, then the statistics, and the records are not kept (returns []):
+    memory stays bounded however long the input. Requests are read from `requests` as the run goes,
+    at most `window` of them (default: 8 running batches, at least 256) admitted or waiting to be
+    written at any time. `progress`: True, or the number of requests (the bar's total)."""
     if eplb_report is not None:
         eplb_report.check(m.cfg)
     engine = make_engine(m, config, detokenize=tok.decode)
-    records: list[dict] = [{} for _ in requests]
-    rids = {}
-    for i, r in enumerate(requests):
-        if "error" in r:
-            records[i] = dict(id=r["id"], error=r["error"])
-            continue
-        try:
-            if not r["prompt"]:
-                raise ValueError("empty prompt")
-            params = SamplingParams.from_dict(r["fields"], defaults)
-            params = SamplingParams.from_dict(dict(stop_token_ids=params.stop_token_ids + tok.eos_ids), params)
-            rids[engine.add(tok.encode(r["prompt"]), params)] = i
-            records[i] = dict(id=r["id"], prompt=r["prompt"])
-        except (ValueError, TypeError) as e:
-            records[i] = dict(id=r["id"], error=str(e))
-    if output is not None:
-        output.advance(records)
-    bar = tqdm(total=len(rids), unit="req", disable=not progress, file=sys.stderr)
-    start = time.perf_counter()
-    while engine.has_work():
-        for c in engine.step():
-            records[rids[c.rid]].update(completion=c.text, tokens=len(c.token_ids), finish_reason=c.finish_reason,
-                                        ttft_s=round(c.ttft_s, 6), tpot_s=None if c.tpot_s is None else
-                                        round(c.tpot_s, 6), preemptions=c.preemptions)
-            bar.update(1)
+    window = window or max(256, 8 * config.max_running * config.replicas)
+    source = enumerate(requests)
+    waiting: dict[int, dict] = {}        # index -> record of an admitted request (to be completed)
+    rids: dict[int, int] = {}            # engine rid -> index
+    final: dict[int, dict] = {}          # index -> final record not yet passed on
+    kept: list[dict] = []
+    passed = 0                           # records passed on (to output, or kept)
+
+    def admit() -> bool:
+        """Read and admit requests while the window has room; False once the input is exhausted."""
+        while len(waiting) + len(final) < window:
+            item = next(source, None)
+            if item is None:
+                return False
+            i, r = item
+            if "error" in r:
+                final[i] = dict(id=r["id"], error=r["error"])
+                bar.update(1)
+                continue
+            try:
+                if not r["prompt"]:
+                    raise ValueError("empty prompt")
+                params = SamplingParams.from_dict(r["fields"], defaults)
+                params = SamplingParams.from_dict(dict(stop_token_ids=params.stop_token_ids + tok.eos_ids), params)
+                rids[engine.add(tok.encode(r["prompt"]), params)] = i
+                waiting[i] = dict(id=r["id"], prompt=r["prompt"])
+            except (ValueError, TypeError) as e:
+                final[i] = dict(id=r["id"], error=str(e))
+                bar.update(1)
+        return True
+
+    def pass_on() -> None:
+        nonlocal passed
+        ready = []
+        while passed in final:
+            ready.append(final.pop(passed))
+            passed += 1
         if output is not None:
-            output.advance(records)
+            output.write(ready)
+        else:
+            kept.extend(ready)
+
+    bar = tqdm(total=None if progress is True else progress, unit="req", disable=not progress, file=sys.stderr)
+    start = time.perf_counter()
+    more = admit()
+    pass_on()
+    while more or engine.has_work():
+        for c in engine.step() if engine.has_work() else ():
+            i = rids.pop(c.rid)
+            final[i] = dict(waiting.pop(i), completion=c.text, tokens=len(c.token_ids),
+                            finish_reason=c.finish_reason, ttft_s=round(c.ttft_s, 6),
+                            tpot_s=None if c.tpot_s is None else round(c.tpot_s, 6), preemptions=c.preemptions)
+            bar.update(1)
+        more = more and admit()
+        pass_on()
         bar.set_postfix_str(f"{engine.generated_tokens / (time.perf_counter() - start):.1f} tok/s",
                             refresh=False)
     bar.close()
@@ -224,7 +276,7 @@ def serve(m: model.Transformer, tok, requests: list[dict], defaults: SamplingPar
         stats["eplb"] = eplb_report.write(engine)
     if output is not None:
         output.close(stats)
-    return records, stats
+    return kept, stats
 
 
 class Output:
@@ -271,20 +323,21 @@ class Output:
             self.partial.write_bytes(whole)
         return kept
 
-    def check(self, requests: list[dict]) -> list[dict]:
+    def check(self, requests: Iterable[dict]) -> Iterator[dict]:
         """The requests still to run: those after the kept records, which must be the same input's."""
-        n = len(self.kept)
-        if len(requests) < n or any(k.get("id") != r["id"] or ("prompt" in k and k["prompt"] != r.get("prompt"))
-                                    for k, r in zip(self.kept, requests)):
-            raise SystemExit(f"serve.py: --resume: the {n} records in {self.partial} are not the first requests "
-                             "of this --input; resume with the same input, or delete the file")
-        return requests[n:]
+        requests = iter(requests)
+        for k in self.kept:
+            r = next(requests, None)
+            if r is None or k.get("id") != r["id"] or ("prompt" in k and k["prompt"] != r.get("prompt")):
+                raise SystemExit(f"serve.py: --resume: the {len(self.kept)} records in {self.partial} are not the "
+                                 "first requests of this --input; resume with the same input, or delete the file")
+        return requests
 
-    def advance(self, records: list[dict]) -> None:
-        while self.written < len(records) and ("error" in records[self.written]
-                                               or "completion" in records[self.written]):
-            self.file.write(json.dumps(records[self.written]) + "\n")
-            self.written += 1
+    def write(self, records: list[dict]) -> None:
+        """Append final records (the next ones in input order) and flush."""
+        for r in records:
+            self.file.write(json.dumps(r) + "\n")
+        self.written += len(records)
         self.file.flush()
 
     def close(self, stats: dict) -> None:
@@ -320,12 +373,14 @@ def main(argv=None):
     if args.resume and not args.output:
         raise SystemExit("serve.py: --resume continues an --output run; name its --output")
     output = Output(args.output, resume=args.resume) if args.output else None
+    total = count_lines(args.input)
     if output is not None:
         requests = output.check(requests)
+        total -= len(output.kept)
     try:
         m, tok = load(args.checkpoint, args.dtype)
         records, stats = serve(m, tok, requests, args.defaults, args.engine, price_per_hour=args.price_per_hour,
-                               progress=not args.no_progress, eplb_report=args.eplb, output=output)
+                               progress=False if args.no_progress else total, eplb_report=args.eplb, output=output)
     except ValueError as e:               # an engine setting this model cannot take (e.g. fp8 cache shape)
         raise SystemExit(f"serve.py: {e}") from e
     finally:
@@ -336,6 +391,9 @@ def main(argv=None):
             print(f"--- request {r['id']}: error: {r['error']}")
         else:
             print(f"--- {r['prompt']!r}\n{r['prompt']}{r['completion']}")
+    if output is not None:
+        print(f"{output.written} records written to {output.path}"
+              + (f" after the {len(output.kept)} an earlier run wrote" if output.kept else ""))
     print(format_summary(stats) + "\n(wall time and TTFT include compiling the step functions)")
     if "eplb" in stats:
         print(format_eplb(stats["eplb"]))

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import signal
 import sys
 import threading
@@ -321,7 +322,12 @@ def _prepare_once(corpus_dir: Path, prepare) -> None:
     if (corpus_dir / "manifest.json").exists():
         return
     corpus_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = corpus_dir.with_name(f".{corpus_dir.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    prefix = f".{corpus_dir.name}.tmp-{socket.gethostname()}-"
+    for left in corpus_dir.parent.glob(prefix + "*"):    # an interrupted preparation's, on this host
+        pid = left.name.removeprefix(prefix).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = corpus_dir.with_name(f"{prefix}{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     prepare(tmp, progress=jax.process_index() == 0)
     try:
@@ -331,6 +337,16 @@ def _prepare_once(corpus_dir: Path, prepare) -> None:
         if not (corpus_dir / "manifest.json").exists():
             raise SystemExit(f"{corpus_dir} holds files but no manifest.json (an interrupted preparation?): "
                              "remove it and rerun") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                              # another user's: alive
+        pass
+    return True
 
 
 def _export_atomically(m: model.Transformer, out: Path):

@@ -97,8 +97,12 @@ def test_serve_without_checkpoint(tmp_path):
 def test_embedded_corpus_is_prepared_once_by_concurrent_processes(tmp_path):
     """Processes sharing a disk each prepare into their own temporary directory and the first to
     finish renames it into place, so none reads a shard another is still writing; a leftover
-    directory without a manifest is a clear error; the renamed corpus opens where it lands."""
+    directory without a manifest is a clear error; an interrupted preparation's temporary directory
+    (its process gone, on this host) is removed by the next; the renamed corpus opens where it lands."""
     import functools
+    import os
+    import socket
+    import subprocess
     import threading
 
     from storage import open_corpus, prepare_embedded_corpus
@@ -122,6 +126,15 @@ def test_embedded_corpus_is_prepared_once_by_concurrent_processes(tmp_path):
     with pytest.raises(SystemExit, match="remove it"):
         train._prepare_once(stale, lambda out, progress: (out.mkdir(), (out / "manifest.json").write_text("{}")))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                     # a process id no longer alive: an interrupted preparer's
+    host = socket.gethostname()
+    left = [tmp_path / f".real.tmp-{host}-{dead.pid}-7", tmp_path / f".real.tmp-{host}-{os.getpid()}-7",
+            tmp_path / f".real.tmp-otherhost-{dead.pid}-7"]
+    for d in left:
+        d.mkdir()
+        (d / "shard-0").write_text("half")
     real = tmp_path / "real"
     train._prepare_once(real, functools.partial(prepare_embedded_corpus, max_tokens=1 << 16))
     assert open_corpus(real).num_tokens >= 1 << 16
+    assert [d.exists() for d in left] == [False, True, True]     # only this host's dead preparer's is removed

@@ -311,23 +311,53 @@ def test_cache_spec_rejects():
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_serve_bad_lines_fail_alone(net, tmp_path, replicas):
+def test_serve_bad_lines_fail_alone(net, tmp_path, monkeypatch, replicas):
+    """A bad line gets an error record and the rest complete; the input is read as the run goes, at
+    most `window` requests admitted or waiting to be passed on at once, with the same records."""
     lines = [json.dumps(dict(prompt="def f(", max_tokens=3)), "{not json", json.dumps(dict(prompt="")),
              json.dumps(dict(prompt="x" * 1200)), json.dumps(dict(prompt="ab", temperature=-2)),
              json.dumps(dict(prompt="ab", max_tokens=4, temperature=0.8, seed=5, stop=["\n"])), json.dumps([1])]
     path = tmp_path / "in.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff"}\n' + lines[0].encode())
 
     class Tok(ByteTokenizer):
         eos_ids = (ByteTokenizer.eos_id,)
 
+    config = EngineConfig(num_blocks=64, **SMALL, replicas=replicas)
     records, stats = serve.serve(net, Tok(), serve.read_requests(str(path)), SamplingParams(max_tokens=5),
-                                 EngineConfig(num_blocks=64, **SMALL, replicas=replicas), progress=False)
-    assert [("error" in r) for r in records] == [False, True, True, True, True, False, True]
+                                 config, progress=False)
+    assert [("error" in r) for r in records] == [False, True, True, True, True, False, True, True, False]
     assert "line 2" in records[1]["error"] and "empty prompt" in records[2]["error"]
     assert "max_seq_len" in records[3]["error"] and "temperature" in records[4]["error"]
+    assert "line 8" in records[7]["error"] and "utf-8" in records[7]["error"]
     assert records[0]["tokens"] == 3 and records[5]["tokens"] <= 4 and "\n" not in records[5]["completion"]
-    assert stats["requests"] == 2 and stats["finished"] == 2 and stats["usd_per_m_output_tokens"] > 0
+    assert records[8]["completion"] == records[0]["completion"]                   # a last line without "\n"
+    assert stats["requests"] == 3 and stats["finished"] == 3 and stats["usd_per_m_output_tokens"] > 0
+    assert serve.count_lines(str(path)) == 9
+
+    reads, held, done = [], [], []                # requests read; admitted-but-unfinished at each step
+    make = serve.make_engine
+
+    def spy(*a, **kw):
+        engine = make(*a, **kw)
+        step = engine.step
+
+        def watched():
+            held.append((engine.stats.requests - len(done), len(reads)))
+            out = step()
+            done.extend(out)
+            return out
+        engine.step = watched
+        return engine
+    monkeypatch.setattr(serve, "make_engine", spy)
+
+    def source():
+        for i, r in enumerate(serve.read_requests(str(path))):
+            reads.append(i)
+            yield r
+    windowed, _ = serve.serve(net, Tok(), source(), SamplingParams(max_tokens=5), config, progress=False, window=2)
+    assert _untimed(windowed) == _untimed(records)
+    assert max(n for n, _ in held) <= 2 and held[0][1] == 2 and len(reads) == 9      # read as it went
 
 
 def _jsonl(path) -> list[dict]:
@@ -350,25 +380,26 @@ def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, m
     inp.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(serve, "load", lambda checkpoint, dtype: (net, serve.Bytes()))
     small = ["--max-running", "4", "--chunk-tokens", "32", "--no-progress", "--input", str(inp), "--output", str(out)]
-    seen = []                                     # the partial file's lines at each advance
-    advance = serve.Output.advance
+    seen = []                                     # the partial file's lines at each write
+    write = serve.Output.write
 
     def watch(self, records):
-        advance(self, records)
+        write(self, records)
         seen.append(len(self.partial.read_text().splitlines()))
-    monkeypatch.setattr(serve.Output, "advance", watch)
+    monkeypatch.setattr(serve.Output, "write", watch)
     records, _ = serve.main(small)
     rows = _jsonl(out)
     assert [r.get("id") for r in rows[:-1]] == [0, 1, 2, 3] and "stats" in rows[-1]
-    assert rows[:-1] == records and "line 2" in rows[1]["error"] and rows[3]["tokens"] == 4
+    assert records == [] and "4 records written to" in capsys.readouterr().out        # not held in memory
+    assert "line 2" in rows[1]["error"] and rows[3]["tokens"] == 4
     assert seen[:2] == [0, 2] and seen[-1] == 4               # streamed: the first two after the prefill step
     assert not (tmp_path / "out.jsonl.partial").exists()
 
     def interrupted(self, records):                # killed once two records are written
-        advance(self, records)
+        write(self, records)
         if self.written >= 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(serve.Output, "advance", interrupted)
+    monkeypatch.setattr(serve.Output, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         serve.main(small)
     assert _jsonl(out) == rows                                     # the old output is untouched
@@ -376,7 +407,7 @@ def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, m
     assert len(kept) >= 2 and _untimed(kept) == _untimed(rows)[:len(kept)]
     assert "records that finished are in" in capsys.readouterr().err
 
-    monkeypatch.setattr(serve.Output, "advance", advance)
+    monkeypatch.setattr(serve.Output, "write", write)
     with pytest.raises(SystemExit, match="pass --resume"):        # an interrupted run is never overwritten
         serve.main(small)
     other = tmp_path / "other.jsonl"
@@ -385,9 +416,10 @@ def test_serve_output_streams_survives_an_interrupt_and_resumes(net, tmp_path, m
         serve.main([*small[:-3], str(other), "--output", str(out), "--resume"])
     with open(tmp_path / "out.jsonl.partial", "a") as f:
         f.write('{"id": 2, "prom')                                  # killed mid-write: a torn last line
-    records, stats = serve.main([*small, "--resume"])
+    _, stats = serve.main([*small, "--resume"])
     resumed = _jsonl(out)
-    assert [r["id"] for r in records] == [r["id"] for r in rows[len(kept):-1]]
+    said = capsys.readouterr().out
+    assert "2 records written to" in said and "after the 2 an earlier run wrote" in said
     assert _untimed(resumed[:-1]) == _untimed(rows[:-1])
     assert resumed[-1]["stats"]["resumed_after"] == len(kept) == 2 and stats["requests"] == 2
     with pytest.raises(SystemExit) as done:                          # a finished run is not redone

@@ -12,8 +12,9 @@ final, into OUTPUT.partial, which replaces OUTPUT when the run ends; an interrup
 the records that finished there, and an existing OUTPUT is untouched until then. --resume
 continues such a run: the requests already in OUTPUT.partial are skipped (same --input); a
 complete OUTPUT is left as it is (exit 0), so a retry loop may always pass --resume. The input is
-read as the run goes and, with --output, records are not held once written, so memory stays
-bounded by a window of requests (8 running batches, at least 256) however long the input.
+read as the run goes and, with --output, records are not held once written, so memory holds a
+window of requests (8 running batches, at least 256) however long the input (the statistics add
+16 bytes a request).
 
 --eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
 end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),

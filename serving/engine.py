@@ -15,6 +15,7 @@ several such engines side by side (`EngineConfig.replicas`).
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -444,7 +445,7 @@ class DataParallelEngine(_Serving):
         self._finished_logits: dict[int, list[np.ndarray]] = {}   # group rid -> logits (keep_logits)
         self._next_rid = 0
         self._steps = 0
-        self._blocks_used: list[int] = []
+        self._blocks_used_sum = self._blocks_used_peak = 0
 
     def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), *, arrival: float | None = None) -> int:
         """Queue a request on the least-loaded replica; ValueError (nothing queued) as `Engine.add`."""
@@ -467,7 +468,9 @@ class DataParallelEngine(_Serving):
         else:
             results = list(self._pool.map(lambda r: self.replicas[r].step(), busy))
         self._steps += 1
-        self._blocks_used.append(sum(e.scheduler.allocator.num_used for e in self.replicas))
+        used = sum(e.scheduler.allocator.num_used for e in self.replicas)
+        self._blocks_used_sum += used
+        self._blocks_used_peak = max(self._blocks_used_peak, used)
         finished = []
         for r, done in zip(busy, results):
             for c in done:
@@ -496,8 +499,9 @@ class DataParallelEngine(_Serving):
                for f in ("requests", "finished", "prompt_tokens", "generated_tokens", "preemptions")},
             prefill_s=sum(s.prefill_s for s in parts) / len(parts),
             started=min(started) if started else None, last=max(last) if last else None,
-            blocks_used=list(self._blocks_used), ttft=[x for s in parts for x in s.ttft],
-            tpot=[x for s in parts for x in s.tpot])
+            blocks_used_sum=self._blocks_used_sum, blocks_used_peak=self._blocks_used_peak,
+            ttft=array.array("d", b"".join(s.ttft.tobytes() for s in parts)),
+            tpot=array.array("d", b"".join(s.tpot.tobytes() for s in parts)))
 
     @property
     def logits(self) -> dict[int, list[np.ndarray]]:

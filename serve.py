@@ -13,8 +13,9 @@ the records that finished there, and an existing OUTPUT is untouched until then.
 continues such a run: the requests already in OUTPUT.partial are skipped (same --input); a
 complete OUTPUT is left as it is (exit 0), so a retry loop may always pass --resume. The input is
 read as the run goes and, with --output, records are not held once written, so memory holds a
-window of requests (8 running batches, at least 256) however long the input (the statistics add
-16 bytes a request).
+window of requests (8 running batches, at least 256, in the engine; up to 16 times as many finished
+records waiting for a longer one before them) however long the input (the statistics add 16 bytes
+a request).
 
 --eplb-report DIR: the engine counts the real tokens each MoE layer routes to each expert; at the
 end EPLB re-places the experts over --eplb-gpus simulated GPUs (with --eplb-redundant replicas),
@@ -208,9 +209,11 @@ def serve(m: model.Transformer, tok, requests: Iterable[dict], defaults: Samplin
     """Run the requests; returns one record per request (input order) and the statistics (with
     the EPLB report under "eplb" when asked for). With `output`, each record goes there as soon as it
     and those before it are final, then the statistics, and the records are not kept (returns []):
-    memory stays bounded however long the input. Requests are read from `requests` as the run goes,
-    at most `window` of them (default: 8 running batches, at least 256) admitted or waiting to be
-    written at any time. `progress`: True, or the number of requests (the bar's total)."""
+    memory stays bounded however long the input. Requests are read from `requests` as the run goes:
+    at most `window` of them (default: 8 running batches, at least 256) in the engine at a time, and
+    reading pauses while 16 x `window` finished records wait for an earlier, longer request (so one
+    long request at the head does not starve the batch). `progress`: True, or the number of requests
+    (the bar's total)."""
     if eplb_report is not None:
         eplb_report.check(m.cfg)
     engine = make_engine(m, config, detokenize=tok.decode)
@@ -224,7 +227,7 @@ def serve(m: model.Transformer, tok, requests: Iterable[dict], defaults: Samplin
 
     def admit() -> bool:
         """Read and admit requests while the window has room; False once the input is exhausted."""
-        while len(waiting) + len(final) < window:
+        while len(waiting) < window and len(final) < 16 * window:
             item = next(source, None)
             if item is None:
                 return False

@@ -313,7 +313,7 @@ def test_cache_spec_rejects():
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_serve_bad_lines_fail_alone(net, tmp_path, monkeypatch, replicas):
     """A bad line gets an error record and the rest complete; the input is read as the run goes, at
-    most `window` requests admitted or waiting to be passed on at once, with the same records."""
+    most `window` requests in the engine at once, with the same records."""
     lines = [json.dumps(dict(prompt="def f(", max_tokens=3)), "{not json", json.dumps(dict(prompt="")),
              json.dumps(dict(prompt="x" * 1200)), json.dumps(dict(prompt="ab", temperature=-2)),
              json.dumps(dict(prompt="ab", max_tokens=4, temperature=0.8, seed=5, stop=["\n"])), json.dumps([1])]
@@ -357,7 +357,18 @@ def test_serve_bad_lines_fail_alone(net, tmp_path, monkeypatch, replicas):
             yield r
     windowed, _ = serve.serve(net, Tok(), source(), SamplingParams(max_tokens=5), config, progress=False, window=2)
     assert _untimed(windowed) == _untimed(records)
-    assert max(n for n, _ in held) <= 2 and held[0][1] == 2 and len(reads) == 9      # read as it went
+    assert max(n for n, _ in held) <= 2 and held[0][1] == 6 and len(reads) == 9      # read as it went
+    done.clear(), held.clear(), reads.clear()     # a long request first: the short ones after it keep the batch
+    long_first = [dict(id=0, prompt="def f(", fields=dict(max_tokens=12))]
+    long_first += [dict(id=i, prompt="ab", fields=dict(max_tokens=1)) for i in range(1, 9)]
+
+    def listed():
+        for i, r in enumerate(long_first):
+            reads.append(i)
+            yield r
+    records, _ = serve.serve(net, Tok(), listed(), SamplingParams(), config, progress=False, window=2)
+    assert [r["id"] for r in records] == list(range(9)) and records[0]["tokens"] == 12
+    assert all(n == 2 for n, read in held if read < 9)    # never one in the engine while the input lasts
 
 
 def _jsonl(path) -> list[dict]:

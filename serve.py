@@ -261,17 +261,20 @@ def serve(m: model.Transformer, tok, requests: Iterable[dict], defaults: Samplin
 
     bar = tqdm(total=None if progress is True else progress, unit="req", disable=not progress, file=sys.stderr)
     start = time.perf_counter()
-    more = admit()
-    pass_on()
-    while more or engine.has_work():
-        for c in engine.step() if engine.has_work() else ():
+    more = True
+    while True:
+        more = more and admit()
+        pass_on()
+        if not engine.has_work():
+            if more:                     # the window filled with error records only, now passed on
+                continue
+            break
+        for c in engine.step():
             i = rids.pop(c.rid)
             final[i] = dict(waiting.pop(i), completion=c.text, tokens=len(c.token_ids),
                             finish_reason=c.finish_reason, ttft_s=round(c.ttft_s, 6),
                             tpot_s=None if c.tpot_s is None else round(c.tpot_s, 6), preemptions=c.preemptions)
             bar.update(1)
-        more = more and admit()
-        pass_on()
         bar.set_postfix_str(f"{engine.generated_tokens / (time.perf_counter() - start):.1f} tok/s",
                             refresh=False)
     bar.close()

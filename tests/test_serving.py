@@ -369,6 +369,10 @@ def test_serve_bad_lines_fail_alone(net, tmp_path, monkeypatch, replicas):
     records, _ = serve.serve(net, Tok(), listed(), SamplingParams(), config, progress=False, window=2)
     assert [r["id"] for r in records] == list(range(9)) and records[0]["tokens"] == 12
     assert all(n == 2 for n, read in held if read < 9)    # never one in the engine while the input lasts
+    errors_first = [dict(id=i, error="bad") for i in range(20)] + [dict(id=20, prompt="ab", fields={})]
+    records, _ = serve.serve(net, Tok(), iter(errors_first), SamplingParams(max_tokens=2), config, progress=False,
+                             window=1)             # 16 x window error records fill it, then pass on
+    assert len(records) == 21 and records[-1]["tokens"] == 2
 
 
 def _jsonl(path) -> list[dict]:

@@ -113,13 +113,11 @@ ENTRIES.append(register(KernelEntry(
     bound="memory", peak="bf16", quick=True,
 )))
 
-# Tuning sweep (unmeasured defaults until a GPU run): one page in flight, fewer SM parts, and
-# page pairs (each consumer computes S for one page of two and P is shared: 1/1.53 of the MMA work).
+# Tuning sweep: page pairs (each consumer computes S for one page of two and P is shared: 1/1.53
+# of the MMA work), not yet timed. Dropped after the 2026-11-29 H200 run (BENCHMARKS.md): one page
+# in flight (1.7x slower) and num_sm_parts 33/66 (no change beyond noise at b=128).
 for _s_k, _s_q, _name, _config in (
-        (8192, 1, "num_slots=1", fm.TuningConfig(num_slots=1)),
-        *((s_k, s_q, "pair_pages", fm.TuningConfig(pair_pages=True)) for s_k in (4096, 32768) for s_q in (1, 2)),
-        *((s_k, s_q, f"num_sm_parts={p}", fm.TuningConfig(num_sm_parts=p))
-          for s_k in (4096, 32768) for s_q in (1, 2) for p in (33, 66))):
+        (s_k, s_q, "pair_pages", fm.TuningConfig(pair_pages=True)) for s_k in (4096, 32768) for s_q in (1, 2)):
     ENTRIES.append(register(KernelEntry(
         name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} {_name}",
         make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),

@@ -19,6 +19,10 @@ The epilogue writes the tile through SMEM with a TMA store.
 block_m 128 is warp specialized as in DeepGEMM: two compute warpgroups (64 rows each, sharing
 the B stage) and one producer warpgroup issuing the TMA loads; block_m 64 (small M) is one
 warpgroup that does both.
+Split-K (fp8_gemm_nt only, `TuningConfig.split_k`; chosen by default when the output tiles fill
+less than half the SMs): the grid gains a K axis, each CTA walks K/split_k and writes its fp32
+partial tile, and the partials are summed in fp32 after the kernel. Every 128-wide K block is
+still promoted to fp32 on its own, so the numerics are the recipe's (the sum order differs).
 
 Shapes outside the kernel's constraints: K must be a multiple of 128 (the scale granularity;
 ValueError otherwise). As in DeepGEMM, B's scales have ceil(N/128) rows, so any N works: N a
@@ -42,6 +46,8 @@ from jaxtyping import Array, Float, Int
 
 SCALE_BLOCK = 128  # K (and B's N) granularity of the scales; also the pipeline's K step
 FP8 = jnp.float8_e4m3fn
+NUM_SMS = 132      # H100/H200 SXM
+MIN_SPLIT_STEPS = 8  # K steps a split-K CTA keeps at least (to fill its TMA pipeline)
 
 
 # --- 1. tuning ---------------------------------------------------------------------------
@@ -53,6 +59,8 @@ class TuningConfig:
     block_n: int = 128               # 16, 32, 64 or 128: a divisor of 128, so one B scale per K
                                      # step; the narrow ones give small-M GEMMs more CTAs
     max_concurrent_steps: int = 4    # TMA pipeline depth over K
+    split_k: int = 1                 # fp8_gemm_nt only: CTAs per output tile, each over K/split_k
+                                     # (fp32 partials summed after the kernel), for small M x N
 
     def __post_init__(self):
         if self.block_m not in (64, 128):
@@ -63,6 +71,8 @@ class TuningConfig:
                              "per K step)")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"{self.max_concurrent_steps=} must be >= 1")
+        if self.split_k < 1:
+            raise ValueError(f"{self.split_k=} must be >= 1")
 
     @property
     def warp_specialized(self) -> bool:
@@ -80,6 +90,21 @@ def _config_for(m: int, n: int) -> TuningConfig:
     # Measured on an H200 (BENCHMARKS.md, 2026-11-29): 128x128 tiles with 3 stages ran at
     # 828 TFLOP/s at M=4096, N=7168, K=16384; 4 stages was not measured (time ran out).
     return TuningConfig(block_n=64 if n % 128 else 128, max_concurrent_steps=3)
+
+
+def _dense_config(m: int, n: int, k: int) -> TuningConfig:
+    """`_config_for`, plus split-K where the output tiles fill less than half the SMs (DeepGEMM's
+    M=64 x N=2112 is 33 tiles of 64 x 64 on 132 SMs, each walking all of K alone): the largest
+    split that divides K/128, keeps the CTAs within one wave and leaves each CTA at least
+    MIN_SPLIT_STEPS K steps. Unmeasured on a GPU as yet; the suite times it beside split_k=1."""
+    config = _config_for(m, n)
+    tiles = -(-m // config.block_m) * -(-n // config.block_n)
+    kb = k // SCALE_BLOCK
+    if 2 * tiles > NUM_SMS:
+        return config
+    split = max(d for d in range(1, NUM_SMS // tiles + 1)
+                if kb % d == 0 and (d == 1 or kb // d >= MIN_SPLIT_STEPS))
+    return dataclasses.replace(config, split_k=split)
 
 
 def _pad_n(b, sb, block_n: int):
@@ -104,20 +129,20 @@ def _swizzled() -> tuple:
 
 
 def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
-                 config: TuningConfig):
-    """One [block_m, block_n] output tile.
+                 config: TuningConfig, k0=0):
+    """One [block_m, block_n] output tile over k of K, from K block k0 on.
 
     a_gmem [M, K] e4m3, b_gmem [N, K] e4m3, sa_gmem [KB, M] f32 (transposed A scales),
     sb_gmem [KB, NBp] f32 (transposed B scales, NB padded to a multiple of 32 for TMA),
-    o_gmem [M, N]; mi, ni: the tile's block indices.
+    o_gmem [M, N]; mi, ni: the tile's block indices; k0: the first K block (split-K).
     """
     bm, bn = config.block_m, config.block_n
     wg_rows = 64                                                     # rows per compute warpgroup
     in_specs = [
-        plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, kb), transforms=_swizzled()),
-        plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, kb), transforms=_swizzled()),
-        plgpu.BlockSpec((1, bm), lambda kb: (kb, mi)),
-        plgpu.BlockSpec((1, sb_gmem.shape[1]), lambda kb: (kb, 0)),  # B scales of this K block
+        plgpu.BlockSpec((bm, SCALE_BLOCK), lambda kb: (mi, k0 + kb), transforms=_swizzled()),
+        plgpu.BlockSpec((bn, SCALE_BLOCK), lambda kb: (ni, k0 + kb), transforms=_swizzled()),
+        plgpu.BlockSpec((1, bm), lambda kb: (k0 + kb, mi)),
+        plgpu.BlockSpec((1, sb_gmem.shape[1]), lambda kb: (k0 + kb, 0)),  # B scales, this K block
     ]
 
     def k_step(rows, idx, a_smem, b_smem, sa_smem, sb_smem, acc):
@@ -169,8 +194,16 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
 
 
 def _dense_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
-    mi, ni = lax.axis_index("m"), lax.axis_index("n")
-    _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, k=k, config=config)
+    """o_gmem [split_k, M, N]: split s sums K blocks [s, s + 1) * KB / split_k."""
+    mi, ni, split = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("k")
+    k_split = k // config.split_k
+    _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem.at[split], mi, ni, k=k_split,
+                 config=config, k0=split * (k_split // SCALE_BLOCK))
+
+
+def _no_split(config: TuningConfig, what: str):
+    if config.split_k != 1:
+        raise ValueError(f"{what} takes split_k=1 (split-K is fp8_gemm_nt's), got {config.split_k=}")
 
 
 def _contiguous_kernel(idx_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
@@ -282,16 +315,21 @@ def fp8_gemm_nt(
     """
     (a, sa), (b, sb) = a_sa, b_sb
     m, n, k = _check_operands(a, sa, b, sb, a_lead=(), b_lead=(), out_dtype=out_dtype)
-    config = config or _config_for(m, n)
+    config = config or _dense_config(m, n, k)
+    splits = config.split_k
+    if (k // SCALE_BLOCK) % splits:
+        raise ValueError(f"{config.split_k=} must divide K/128 = {k // SCALE_BLOCK}")
     a_p = _pad_rows(a, 0, config.block_m)                         # [Mp, K]
     sa_t = _pad_rows(sa, 0, config.block_m).T                     # [KB, Mp]
     b_p, sb_p = _pad_n(b, sb, config.block_n)                     # [Np, K], [ceil(Np/128), KB]
     sb_p = _scales_for_tma(sb_p)                                  # [KB, NBp]
     mp, n_pad = a_p.shape[0], b_p.shape[0]
     body = functools.partial(_dense_kernel, k=k, config=config)
-    out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // config.block_m),
-                  ("n", "m"), config, interpret, a_p, b_p, sa_t, sb_p)
-    return out[:m, :n]
+    out = _launch(body, (splits, mp, n_pad), out_dtype if splits == 1 else jnp.float32,
+                  (n_pad // config.block_n, mp // config.block_m, splits), ("n", "m", "k"),
+                  config, interpret, a_p, b_p, sa_t, sb_p)
+    # Split-K: the fp32 partials (each promoted per 128 of K in the kernel) summed in fp32.
+    return (out[0] if splits == 1 else out.sum(0).astype(out_dtype))[:m, :n]
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
@@ -315,6 +353,7 @@ def m_grouped_fp8_gemm_nt_contiguous(
     if m_indices.shape != (m,):
         raise ValueError(f"{m_indices.shape=} must be {(m,)}")
     config = config or _config_for(m, n)
+    _no_split(config, "m_grouped_fp8_gemm_nt_contiguous")
     try:  # concrete indices are checked here; traced ones give NaN rows instead
         concrete = np.asarray(m_indices)
     except jax.errors.TracerArrayConversionError:
@@ -385,6 +424,7 @@ def m_grouped_fp8_gemm_nt_masked(
     if expected_m < 0:
         raise ValueError(f"{expected_m=} must be >= 0")
     config = config or _config_for(expected_m, n)
+    _no_split(config, "m_grouped_fp8_gemm_nt_masked")
     bm = config.block_m
     a_p = _pad_rows(a, 1, bm)                                      # [G, Mp, K]
     sa_t = jnp.swapaxes(_pad_rows(sa, 1, bm), 1, 2)                # [G, KB, Mp]

@@ -63,6 +63,8 @@ def check(out, ref64, absprod64, out_dtype, what):
     (jnp.float32, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=2)),  # warp spec.
     (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=32, max_concurrent_steps=3)),   # narrow N tiles
     (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=16, max_concurrent_steps=3)),
+    (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=64, max_concurrent_steps=2, split_k=3)),
+    (jnp.float32, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=2, split_k=3)),
 ])
 def test_dense_matches_float64(out_dtype, config, report):
     m, n, k = 100, 256, 384                   # m pads to 128: two row tiles; 3 K steps
@@ -191,6 +193,31 @@ def test_errors():
         fg.TuningConfig(block_n=256)
     with pytest.raises(ValueError, match="divisor of 128"):
         fg.TuningConfig(block_n=48)
+    with pytest.raises(ValueError, match="split_k"):
+        fg.TuningConfig(split_k=0)
+    with pytest.raises(ValueError, match="must divide K/128 = 2"):   # K = 256
+        fg.fp8_gemm_nt((a, sa), (b, sb), config=fg.TuningConfig(block_m=64, split_k=3))
+    with pytest.raises(ValueError, match="split-K is fp8_gemm_nt's"):
+        fg.m_grouped_fp8_gemm_nt_masked((a[None], sa[None]), (b3, sb3), jnp.array([1]), 1,
+                                        config=fg.TuningConfig(split_k=2))
+    with pytest.raises(ValueError, match="split-K is fp8_gemm_nt's"):
+        fg.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b3, sb3), jnp.zeros(64, jnp.int32),
+                                            config=fg.TuningConfig(split_k=2))
+
+
+@pytest.mark.parametrize("m,n,k,split", [
+    (64, 2112, 7168, 4),      # DeepGEMM's shape: 33 tiles of 64 x 64 -> 132 CTAs of 14 K steps
+    (64, 7168, 16384, 1),     # 112 tiles: most SMs busy already
+    (4096, 7168, 16384, 1),
+    (64, 128, 7168, 7),       # 2 tiles: up to 66 splits fit, but 8 steps each allow 7 at most
+])
+def test_split_k_heuristic(m, n, k, split):
+    config = fg._dense_config(m, n, k)
+    tiles = -(-m // config.block_m) * -(-n // config.block_n)
+    kb = k // 128
+    assert config.split_k == split
+    assert kb % split == 0 and (split == 1 or tiles * split <= fg.NUM_SMS)
+    assert split == 1 or kb // split >= fg.MIN_SPLIT_STEPS
 
 
 def test_contiguous_misaligned_under_jit_is_nan_not_wrong():
@@ -224,6 +251,10 @@ VARIANTS = {
         (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=16, max_concurrent_steps=6)),
     "dense_64x32": lambda a, sa, b, sb: fg.fp8_gemm_nt(
         (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=32, max_concurrent_steps=6)),
+    "dense_split_k": lambda a, sa, b, sb: fg.fp8_gemm_nt(
+        (a, sa), (b, sb), config=fg.TuningConfig(block_m=64, block_n=64, split_k=2)),
+    "dense_warp_specialized_split_k": lambda a, sa, b, sb: fg.fp8_gemm_nt(
+        (a, sa), (b, sb), config=fg.TuningConfig(block_m=128, block_n=128, split_k=4)),
     "dense_f32_padded_m": lambda a, sa, b, sb: fg.fp8_gemm_nt((a[:40], sa[:40]), (b, sb),
                                                               out_dtype=jnp.float32),
     "contiguous": lambda a, sa, b, sb: fg.m_grouped_fp8_gemm_nt_contiguous(

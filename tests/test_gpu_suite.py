@@ -41,6 +41,22 @@ def test_dry_run_of_every_registered_entry():
     assert not failed, failed
 
 
+def test_every_entry_lowers_for_cuda_at_its_gpu_shapes():
+    """The dry run interprets tiny shapes; this lowers each entry's kernel, reference and baselines
+    for CUDA at the shapes the GPU will run (abstract inputs, nothing allocated), so that a config
+    the GPU cannot compile (e.g. a pipeline deeper than SMEM holds) fails here, not in GPU minutes."""
+    failed = []
+    for entry in registry.entries():
+        args = jax.eval_shape(lambda e=entry: e.make_inputs(False))
+        fns = {"kernel": lambda *a, e=entry: e.kernel(*a), "reference": entry.reference, **entry.baselines}
+        for what, fn in fns.items():
+            try:
+                jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+            except Exception as exc:                          # collect them all, then fail once
+                failed.append((entry.name, what, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+    assert not failed, failed
+
+
 def test_cuda_fault_continues_in_a_fresh_process(monkeypatch, tmp_path):
     """A faulting entry re-executes the suite with the rows so far; the resumed run keeps them,
     reuses the ceilings and the clock, and runs only the entries not yet done."""

@@ -89,7 +89,9 @@ def _dense(m, n, k, config: fg.TuningConfig | None = None):
 
     tag = "" if config is None else (f" block_m={config.block_m} block_n={config.block_n}"
                                      f" stages={config.max_concurrent_steps}"
-                                     + (f" split_k={config.split_k}" if config.split_k > 1 else ""))
+                                     + (f" split_k={config.split_k}" if config.split_k > 1 else "")
+                                     + (f" grid_tile_m={config.grid_tile_m}"
+                                        if config.grid_tile_m != fg.TuningConfig.grid_tile_m else ""))
     register(KernelEntry(
         name=f"deep_gemm fp8_gemm_nt m={m} n={n} k={k}{tag}",
         make_inputs=make_inputs, kernel=kernel, reference=reference,
@@ -207,6 +209,9 @@ for _m, _n, _k, _config in (
         (64, 7168, 16384, fg.TuningConfig(block_m=64, block_n=64, max_concurrent_steps=6, split_k=2)),
         (128, 7168, 16384, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=4, split_k=2))):
     _dense(_m, _n, _k, _config)
+
+# Launch order: bands of 16 M tiles (the default) against row by row (the order before).
+_dense(4096, 7168, 16384, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=3, grid_tile_m=1))
 
 # Tuning sweep at the large dense shape and a decode shape (the defaults are a heuristic
 # until a GPU run measures them): tile shape and pipeline depth.

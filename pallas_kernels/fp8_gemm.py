@@ -15,7 +15,9 @@ The kernel: one CTA per (block_m x block_n) output tile; a TMA pipeline of
 fp8 wgmma requires) and the A scales [block_m] (A's scales are transposed to [KB, M] by the
 wrapper so a tile's scales are one contiguous TMA box, as DeepGEMM does) and B's scales, one
 row per step (all of B's scales for that K block; the wrapper transposes them to [KB, NB]).
-The epilogue writes the tile through SMEM with a TMA store.
+The epilogue writes the tile through SMEM with a TMA store. The dense and contiguous grids are
+linear and launch tiles in bands of `grid_tile_m` M tiles walked along N (snaking), so that the
+CTAs resident at one time share A and B tiles in L2 (DeepGEMM groups its blocks the same way).
 block_m 128 is warp specialized as in DeepGEMM: two compute warpgroups (64 rows each, sharing
 the B stage) and one producer warpgroup issuing the TMA loads; block_m 64 (small M) is one
 warpgroup that does both.
@@ -61,6 +63,9 @@ class TuningConfig:
     max_concurrent_steps: int = 4    # TMA pipeline depth over K
     split_k: int = 1                 # fp8_gemm_nt only: CTAs per output tile, each over K/split_k
                                      # (fp32 partials summed after the kernel), for small M x N
+    grid_tile_m: int = 16            # launch order: bands of this many M tiles, walked along N
+                                     # (snaking), so a wave of CTAs shares A and B tiles in L2;
+                                     # 1 is row by row (the order before, L2 holds one A tile row)
 
     def __post_init__(self):
         if self.block_m not in (64, 128):
@@ -73,6 +78,8 @@ class TuningConfig:
             raise ValueError(f"{self.max_concurrent_steps=} must be >= 1")
         if self.split_k < 1:
             raise ValueError(f"{self.split_k=} must be >= 1")
+        if self.grid_tile_m < 1:
+            raise ValueError(f"{self.grid_tile_m=} must be >= 1")
 
     @property
     def warp_specialized(self) -> bool:
@@ -193,9 +200,16 @@ def _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, mi, ni, *, k: int,
     pl.run_scoped(scope, plgpu.SMEM((2, wg_rows, bn), o_gmem.dtype), collective_axes="wg")
 
 
-def _dense_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
+def _tile_index(config: TuningConfig, m_tiles: int, n_tiles: int):
+    """(mi, ni) of this CTA's output tile from its linear grid index, in bands of
+    config.grid_tile_m M tiles walked along N (jax's planar_snake; DeepGEMM groups 16 blocks):
+    with M=4096, N=7168 a wave of 132 CTAs then reads ~16 A and ~9 B tile rows, not 3 and 56."""
+    return plgpu.planar_snake(lax.axis_index("t"), (m_tiles, n_tiles), 0, config.grid_tile_m)
+
+
+def _dense_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config, m_tiles, n_tiles):
     """o_gmem [split_k, M, N]: split s sums K blocks [s, s + 1) * KB / split_k."""
-    mi, ni, split = lax.axis_index("m"), lax.axis_index("n"), lax.axis_index("k")
+    (mi, ni), split = _tile_index(config, m_tiles, n_tiles), lax.axis_index("k")
     k_split = k // config.split_k
     _tile_kernel(a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem.at[split], mi, ni, k=k_split,
                  config=config, k0=split * (k_split // SCALE_BLOCK))
@@ -206,9 +220,10 @@ def _no_split(config: TuningConfig, what: str):
         raise ValueError(f"{what} takes split_k=1 (split-K is fp8_gemm_nt's), got {config.split_k=}")
 
 
-def _contiguous_kernel(idx_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config):
+def _contiguous_kernel(idx_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, o_gmem, *, k, config,
+                       m_tiles, n_tiles):
     """idx_gmem [M/block_m] int32: each tile's group, -1 for a tile to skip."""
-    mi, ni = lax.axis_index("m"), lax.axis_index("n")
+    mi, ni = _tile_index(config, m_tiles, n_tiles)
     group = idx_gmem[mi]
 
     @pl.when(group >= 0)  # padding tiles (-1) are skipped; the wrapper zeroes their rows
@@ -323,11 +338,11 @@ def fp8_gemm_nt(
     sa_t = _pad_rows(sa, 0, config.block_m).T                     # [KB, Mp]
     b_p, sb_p = _pad_n(b, sb, config.block_n)                     # [Np, K], [ceil(Np/128), KB]
     sb_p = _scales_for_tma(sb_p)                                  # [KB, NBp]
-    mp, n_pad = a_p.shape[0], b_p.shape[0]
-    body = functools.partial(_dense_kernel, k=k, config=config)
-    out = _launch(body, (splits, mp, n_pad), out_dtype if splits == 1 else jnp.float32,
-                  (n_pad // config.block_n, mp // config.block_m, splits), ("n", "m", "k"),
-                  config, interpret, a_p, b_p, sa_t, sb_p)
+    m_tiles, n_tiles = a_p.shape[0] // config.block_m, b_p.shape[0] // config.block_n
+    body = functools.partial(_dense_kernel, k=k, config=config, m_tiles=m_tiles, n_tiles=n_tiles)
+    out = _launch(body, (splits, a_p.shape[0], b_p.shape[0]),
+                  out_dtype if splits == 1 else jnp.float32, (m_tiles * n_tiles, splits),
+                  ("t", "k"), config, interpret, a_p, b_p, sa_t, sb_p)
     # Split-K: the fp32 partials (each promoted per 128 of K in the kernel) summed in fp32.
     return (out[0] if splits == 1 else out.sum(0).astype(out_dtype))[:m, :n]
 
@@ -380,10 +395,12 @@ def _contiguous_impl(a, sa, b, sb, m_indices, *, out_dtype, interpret, config):
     b_p, sb_p = _pad_n(b, sb, config.block_n)                      # [G, Np, K]
     sb_p = _scales_for_tma(sb_p)                                   # [G, KB, NBp]
     mp, n_pad = a_p.shape[0], b_p.shape[1]
-    body = functools.partial(_contiguous_kernel, k=k, config=config)
+    m_tiles, n_tiles = mp // bm, n_pad // config.block_n
+    body = functools.partial(_contiguous_kernel, k=k, config=config, m_tiles=m_tiles,
+                             n_tiles=n_tiles)
     tile_idx = jnp.where(bad.reshape(-1, bm).any(1), -1, _tile_groups(idx, bm))  # [Mp/bm]
-    out = _launch(body, (mp, n_pad), out_dtype, (n_pad // config.block_n, mp // bm),
-                  ("n", "m"), config, interpret, tile_idx, a_p, b_p, sa_t, sb_p)
+    out = _launch(body, (mp, n_pad), out_dtype, (m_tiles * n_tiles,), ("t",), config,
+                  interpret, tile_idx, a_p, b_p, sa_t, sb_p)
     out = jnp.where((idx >= 0)[:, None], out[:, :n], 0)
     return jnp.where(bad[:, None], jnp.nan, out).astype(out_dtype)[:m]
 

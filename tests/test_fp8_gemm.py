@@ -63,7 +63,8 @@ def check(out, ref64, absprod64, out_dtype, what):
     (jnp.float32, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=2)),  # warp spec.
     (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=32, max_concurrent_steps=3)),   # narrow N tiles
     (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=16, max_concurrent_steps=3)),
-    (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=64, max_concurrent_steps=2, split_k=3)),
+    (jnp.bfloat16, fg.TuningConfig(block_m=64, block_n=64, max_concurrent_steps=2, split_k=3,
+                                   grid_tile_m=1)),                 # 2 bands of 1 M tile, snaking
     (jnp.float32, fg.TuningConfig(block_m=128, block_n=128, max_concurrent_steps=2, split_k=3)),
 ])
 def test_dense_matches_float64(out_dtype, config, report):
@@ -118,8 +119,11 @@ def test_contiguous_uneven_empty_and_padded_groups(report):
     m = len(m_indices)                    # 512 rows: 4 row tiles of 128 (warp specialized)
     x, w, (a, sa), (b, sb) = quantise(jax.random.key(3), m, n, k)
     _, w3, _, (b3, sb3) = quantise(jax.random.key(4), 1, n, k, groups=groups)
+    # Launch order in bands of 3 M tiles: one full band and a partial one, over 2 N tiles.
+    config = fg.TuningConfig(block_n=64, max_concurrent_steps=3, grid_tile_m=3)
     out = fg.m_grouped_fp8_gemm_nt_contiguous((a, sa), (b3, sb3), jnp.asarray(m_indices),
-                                              out_dtype=jnp.float32, interpret=INTERPRET)
+                                              out_dtype=jnp.float32, interpret=INTERPRET,
+                                              config=config)
     a64 = dequant64(a, sa, False)
     b64 = dequant64(b3, sb3, True)                             # [G, N, K]
     g = np.maximum(m_indices, 0)
@@ -195,6 +199,8 @@ def test_errors():
         fg.TuningConfig(block_n=48)
     with pytest.raises(ValueError, match="split_k"):
         fg.TuningConfig(split_k=0)
+    with pytest.raises(ValueError, match="grid_tile_m"):
+        fg.TuningConfig(grid_tile_m=0)
     with pytest.raises(ValueError, match="must divide K/128 = 2"):   # K = 256
         fg.fp8_gemm_nt((a, sa), (b, sb), config=fg.TuningConfig(block_m=64, split_k=3))
     with pytest.raises(ValueError, match="split-K is fp8_gemm_nt's"):

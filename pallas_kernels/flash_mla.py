@@ -26,7 +26,10 @@ Known costs of this first version (not yet measured on a GPU):
   page 2j + w, the row maxima and then each page's P (one 8 KiB SMEM tile, written in turn)
   pass between the warpgroups, and both multiply both pages' P by their V halves. It fits
   the SMEM budget (231,496 of 232,448 bytes) only with 1 KiB of reduction scratch instead of
-  Pallas's default 2 KiB, and costs three barriers a pair; off until a GPU run measures it;
+  Pallas's default 2 KiB, and costs three barriers a pair. Page 2j's slot is handed back for
+  refilling as soon as both warpgroups have multiplied its P, so page 2j + 2 loads during page
+  2j + 1's PV (both slots hold the pair, so that is the only overlap). Off until a GPU run
+  measures it;
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel, so it saves cache memory but
@@ -307,7 +310,9 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
             o_acc = times_v(o_acc, slot, scale, p_smem)
             if owner == 0:
                 sync(3)                                                 # both done with P of page 2j
-        plgpu.barrier_arrive(consumed_bars.at[slot_a])
+                # ... and with page 2j's slot: the producer refills it (page 2j + 2) while page
+                # 2j + 1's PV runs, rather than both slots only once the pair is done.
+                plgpu.barrier_arrive(consumed_bars.at[slot_a])
         plgpu.barrier_arrive(consumed_bars.at[slot_b])
         return o_acc, m_new, l_i
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,14 @@ def _bytes(q, k_cache, block_table, cache_seqlens):
     return cache + q.size * 2 + batch * s_q * h_q * (fm.D_V * 2 + 4)
 
 
+def _bound(h_q: int, s_q: int) -> str:
+    """Which ceiling bounds a shape: FLOPs per bf16 cache byte against the H200's ridge."""
+    intensity = 2 * h_q * s_q * (fm.D_QK + fm.D_V) / (fm.D_QK * 2)
+    return "memory" if intensity < H200_RIDGE else "compute"
+
+
 for _s_q in (1, 2):
     for _s_k in (4096, 8192, 16384, 32768):
-        _intensity = 2 * 128 * _s_q * (fm.D_QK + fm.D_V) / (fm.D_QK * 2)
         ENTRIES.append(register(KernelEntry(
             name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q}",
             make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
@@ -98,7 +104,7 @@ for _s_q in (1, 2):
             flops=_flops,
             bytes=_bytes,
             baselines={"xla_reference": _reference},
-            bound="memory" if _intensity < H200_RIDGE else "compute",
+            bound=_bound(128, _s_q),
             peak="bf16",
             quick=_s_k == 4096,
         )))
@@ -116,13 +122,11 @@ ENTRIES.append(register(KernelEntry(
 # Tuning sweep: page pairs (each consumer computes S for one page of two and P is shared: 1/1.53
 # of the MMA work), not yet timed. Dropped after the 2026-11-29 H200 run (BENCHMARKS.md): one page
 # in flight (1.7x slower) and num_sm_parts 33/66 (no change beyond noise at b=128).
-for _s_k, _s_q, _name, _config in (
-        (s_k, s_q, "pair_pages", fm.TuningConfig(pair_pages=True)) for s_k in (4096, 32768) for s_q in (1, 2)):
+for _s_k, _s_q in itertools.product((4096, 32768), (1, 2)):
     ENTRIES.append(register(KernelEntry(
-        name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} {_name}",
+        name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} pair_pages",
         make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
-        kernel=functools.partial(_kernel, config=_config), reference=_reference,
-        error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes, baselines={},
-        bound="memory" if 2 * 128 * _s_q * (fm.D_QK + fm.D_V) / (fm.D_QK * 2) < H200_RIDGE else "compute",
-        peak="bf16", quick=False,
+        kernel=functools.partial(_kernel, config=fm.TuningConfig(pair_pages=True)),
+        reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
+        baselines={}, bound=_bound(128, _s_q), peak="bf16", quick=False,
     )))

@@ -531,18 +531,20 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     )
     with _interpret_shims(interpret):
         o_part, lse_part = kernel(metadata, cache_seqlens, block_table, q_chunks, k_cache)
-    if splits == 1:  # nothing to merge (b=128, h_q=128 fills the SMs): skip the f32 pass
-        out, lse = o_part[:, :, 0], lse_part[:, :, 0]
-        lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)   # empty: lse = +inf (out is 0)
-    else:
-        out, lse = _combine(o_part, lse_part)              # [B, Hkv, Rp, Dv], [B, Hkv, Rp]
+    out, lse = _combine(o_part, lse_part)                  # [B, Hkv, Rp, Dv], [B, Hkv, Rp]
     out = out[:, :, :rows].reshape(batch, h_kv, s_q, g, D_V).transpose(0, 2, 1, 3, 4)
     lse = lse[:, :, :rows].reshape(batch, h_kv, s_q, g).transpose(0, 1, 3, 2)
     return out.reshape(batch, s_q, h_q, D_V).astype(q.dtype), lse.reshape(batch, h_q, s_q)
 
 
 def _combine(o_part, lse_part):
-    """lse-weighted merge of the splits: [B, Hkv, S, Rp, Dv], [B, Hkv, S, Rp] -> one split."""
+    """lse-weighted merge of the splits: [B, Hkv, S, Rp, Dv], [B, Hkv, S, Rp] -> one split.
+
+    An empty row (lse -inf in every split) gives out 0 and lse +inf. With one split (b=128,
+    h_q=128 fills the SMs) the partial is the output: no f32 pass over it."""
+    if o_part.shape[2] == 1:
+        lse = lse_part[:, :, 0]
+        return o_part[:, :, 0], jnp.where(jnp.isneginf(lse), jnp.inf, lse)
     lse_max = jnp.max(lse_part, axis=2, keepdims=True)                  # [B, Hkv, 1, Rp]
     lse_max = jnp.where(jnp.isneginf(lse_max), 0.0, lse_max)
     w = jnp.exp(lse_part - lse_max)                                     # [B, Hkv, S, Rp]

@@ -5,6 +5,8 @@ model builds, the scale, packed segments) against the model's own XLA attention;
 the Mosaic GPU kernels themselves in the interpreter inside a model forward.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from flax import nnx
 
 import model
 from model import mla
+from cuda_lowering import lower_for_cuda, pretend_hopper
 
 BASE = dict(vocab_size=128, d_model=64, num_layers=1, num_dense_layers=1, num_heads=2, q_lora_rank=32,
             kv_lora_rank=32, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, dense_ffn_dim=64,
@@ -65,6 +68,26 @@ def test_pallas_attention_kernel_interpreted_in_a_model_forward(monkeypatch):
     want, got = forward(xla), forward(pallas)
     rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert rel < 2e-2, rel                                      # bf16 attention core on both sides
+
+
+def test_training_step_as_a_gpu_traces_it_lowers_for_cuda(monkeypatch):
+    """V3's GPU training path: FP8 linear layers (DeepGEMM kernels and quantisers) and the Pallas
+    attention over packed documents, forward and backward, traced with the GPU branches our dispatch
+    takes there and lowered for CUDA, every TMA copy's SMEM alignment checked."""
+    pretend_hopper(monkeypatch)
+    net = model.Transformer(model.ModelConfig(**BASE, attention="pallas", fp8=True), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(net)
+    tokens, pos, seg = _packed(128)
+
+    def grads(state):
+        def loss(m):
+            return jnp.mean(m.forward(tokens, positions=pos, segment_ids=seg).logits.astype(jnp.float32) ** 2)
+        return nnx.value_and_grad(loss)(nnx.merge(graphdef, state))
+
+    module = lower_for_cuda(grads, state)
+    jitted = set(re.findall(r"func.func private @(\w+?)(?:_\d+)?\(", module))
+    # mla_attention's jitted forward and backward kernels, DeepGEMM's GEMM and both quantisers
+    assert {"_forward", "_backward", "fp8_gemm_nt", "per_token_cast_to_fp8", "per_block_cast_to_fp8"} <= jitted
 
 
 def test_pallas_attention_config_errors():

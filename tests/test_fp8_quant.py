@@ -12,6 +12,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _interpret_shim
 from pallas_kernels import fp8_quant as fq
 from pallas_kernels.fp8_gemm import on_hopper
+from cuda_lowering import lower_for_cuda
 
 INTERPRET = not on_hopper()
 E4M3_REL = 2.0 ** -4          # e4m3 rounding (3 mantissa bits), relative to the element
@@ -76,9 +77,7 @@ def test_per_block_partial_last_block():
 def test_quant_lowers_for_cuda(ue8m0):
     x = jnp.ones((128, 256), jnp.bfloat16)
     for fn in (fq.per_token_cast_to_fp8, fq.per_block_cast_to_fp8):
-        exported = jax.export.export(jax.jit(functools.partial(fn, ue8m0=ue8m0)),
-                                     platforms=["cuda"])(x)
-        assert "mosaic_gpu" in exported.mlir_module()
+        assert "mosaic_gpu" in lower_for_cuda(functools.partial(fn, ue8m0=ue8m0), x)
 
 
 # --- the interpret-mode shim ------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import mla_attention as ma
+from cuda_lowering import lower_for_cuda
 
 # Interpreted kernels need more XLA:CPU pool threads than simulated warpgroups: conftest.py sets NPROC.
 
@@ -195,11 +196,6 @@ def test_tile_ranges_skip_masked_tiles():
     np.testing.assert_array_equal(keys, [[0, 4], [2, 4]])
 
 
-def _lower(fn, *args):
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
-    return exported.mlir_module()
-
-
 @pytest.mark.parametrize("segments", [False, True])
 def test_v3_shapes_lower_for_cuda(segments):
     """Forward and backward at DeepSeek-V3's shapes (T=4096, H=128), default tuning."""
@@ -212,10 +208,10 @@ def test_v3_shapes_lower_for_cuda(segments):
                                implementation="pallas")
         return out.astype(jnp.float32).sum()
 
-    module = _lower(lambda *a: ma.mla_attention(*a[:3], segment_ids=a[3] if segments else None,
+    module = lower_for_cuda(lambda *a: ma.mla_attention(*a[:3], segment_ids=a[3] if segments else None,
                                                 implementation="pallas"), q, q, v, seg)
     assert module.count("mosaic_gpu") >= 1
-    module = _lower(jax.grad(loss, argnums=(0, 1, 2)), q, q, v, seg)
+    module = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, v, seg)
     assert module.count("mosaic_gpu") >= 3          # forward, dq and dk/dv kernels
 
 
@@ -225,7 +221,7 @@ def test_test_cases_lower_for_cuda(case):
     config = ma.TuningConfig(block_kv=case.block_kv, num_slots=case.slots, bwd_slots=case.slots)
     loss = lambda q, k, v: ma.mla_attention(q, k, v, causal=case.causal, segment_ids=seg,
                                             implementation="pallas", config=config).sum()
-    assert _lower(jax.grad(loss, argnums=(0, 1, 2)), q, k, v).count("mosaic_gpu") >= 3
+    assert lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v).count("mosaic_gpu") >= 3
 
 
 def test_dispatch_uses_reference_on_cpu():

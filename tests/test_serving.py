@@ -18,6 +18,7 @@ from serving import engine as engine_mod
 from serving.paged_model import latent_attention, paged_attention
 from serving.sampler import sample
 from storage.corpus import ByteTokenizer
+from cuda_lowering import lower_for_cuda, pretend_hopper
 
 LENGTHS = (1, 3, 17, 62, 130)          # 62 + NEW crosses a block; 130 > 2 blocks and > 4 chunks of 32
 NEW = 6
@@ -464,6 +465,36 @@ def test_engine_v3_latent_shapes_fp8_cache():
     errs = [rel_err(a, b) for a, b in zip(engine.logits[0], want)]
     assert engine.kv.dtype == jnp.uint8 and engine.kv.shape[-1] == flash_mla.FP8_TOKEN_BYTES
     assert len(errs) == 3 and max(errs) < 5e-2, errs          # e4m3 latents: ~2e-2 measured
+
+
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "fp8"])
+def test_engine_steps_lower_for_cuda_with_flash_mla(cache_dtype, monkeypatch):
+    """The very prefill and multi-step decode calls an engine made here, traced again as a GPU traces
+    them (decode through the FlashMLA kernel, `mla_decode`'s GPU branch) and lowered for CUDA with
+    every TMA copy's SMEM alignment checked: serving's kernel path is compiled only on a GPU."""
+    cfg = model.ModelConfig.preset("tiny", num_layers=2, kv_lora_rank=512, qk_rope_head_dim=64, d_model=64,
+                                   mtp_depth=0, max_seq_len=256)
+    net = model.Transformer(cfg, rngs=nnx.Rngs(1))
+    engine = Engine(net, EngineConfig(num_blocks=8, cache_dtype=cache_dtype, decode_steps=2, bake_params=False))
+    calls = {}
+
+    def recorded(key, fn):
+        def call(*args):
+            calls.setdefault(key, args)
+            return fn(*args)
+        return call
+
+    engine._steps = {key: recorded(key, fn) for key, fn in engine._steps.items()}
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(0, cfg.vocab_size, n)] for i, n in enumerate((20, 70))]
+    engine.run([(p, SamplingParams(max_tokens=5)) for p in prompts])
+    assert set(calls) == {False, "multi"}                 # prefill, then decode 2 tokens a call
+    pretend_hopper(monkeypatch)
+    monkeypatch.setattr(engine_mod, "_STEPS", {})         # fresh jitted steps: traced with the GPU branches
+    for key, args in calls.items():
+        fn = engine_mod._step_fn(engine._graphdef, engine._treedef, engine.leaves, engine.spec,
+                                 absorbed=key == "multi", bake=False, steps=2 if key == "multi" else 1)
+        has_kernel = "mosaic_gpu" in lower_for_cuda(fn, *args)
+        assert has_kernel == (key == "multi"), key        # prefill attends with XLA (naive form)
 
 
 def test_stop_strings_and_tokens(net, prompts):

@@ -1,0 +1,154 @@
+"""Lowering for CUDA with TMA shared-memory alignment checked (no GPU needed): `lower_for_cuda`.
+
+A TMA copy (cp.async.bulk.tensor) faults with CUDA_ERROR_MISALIGNED_ADDRESS unless its SMEM
+address is 128-byte aligned, and a tile swizzled in 128-byte rows must start on a 1024-byte
+boundary (the swizzle pattern is a function of address bits 4-9, and wgmma reads the tile with
+base offset 0). Neither CPU check sees this: the interpreter does not model addresses and the
+lowering does not verify them. On 2026-11-29 the first GPU run of DeepGEMM faulted this way: each
+pipeline stage's B-scale row was 80 bytes (N = 2112: 17 scales padded to 20), so stage 1 began
+80 bytes in, and the fault cost that process every later entry.
+
+`tma_alignment()` wraps Mosaic GPU's `LaunchContext.async_copy` for the duration of a lowering
+and, for every TMA copy, follows the SMEM operand's definition back to the dynamic shared-memory
+base: views add their byte shift, subviews add offset x stride per dimension (a dynamic index
+adds an unknown multiple of that dimension's stride, so a pipeline slot index contributes the
+stage size), casts and reshapes keep the address. The guaranteed alignment of the address is the
+gcd of all those terms (the base is 1024-aligned: Pallas lays out scratch on 1024-byte
+boundaries). An op it has no rule for is an error, never a guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import jax
+from jax._src.lib.mlir import ir
+from jax.experimental.mosaic.gpu import launch_context
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+BASE_ALIGNMENT = 1024     # the dynamic SMEM base: Pallas Mosaic GPU's SMEM_ALIGNMENT
+TMA_ALIGNMENT = 128       # any TMA tensor copy's SMEM address; a tile swizzled in S-byte rows
+                          # must start on a multiple of 8 S (the swizzle atom: 1024 for S=128)
+
+# Ops that change the type of a ref but not the address of its first element.
+_SAME_ADDRESS = {"builtin.unrealized_conversion_cast", "memref.cast", "memref.expand_shape",
+                 "memref.collapse_shape", "memref.transpose"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """One TMA copy seen during lowering: its SMEM ref, the alignment its address is guaranteed,
+    the alignment it needs, and the chain of ops from the ref back to the SMEM base."""
+    smem_type: str
+    alignment: int
+    required: int
+    chain: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.alignment % self.required == 0
+
+
+def _constant(value) -> int | None:
+    op = value.owner
+    if isinstance(op, ir.Block) or op.name != "arith.constant":
+        return None
+    return ir.IntegerAttr(op.attributes["value"]).value
+
+
+def _element_bytes(memref_type) -> int:
+    return mgpu_utils.bitwidth(memref_type.element_type) // 8
+
+
+def address_alignment(ref) -> tuple[int, tuple[str, ...]]:
+    """(alignment, chain): the largest power of two (<= BASE_ALIGNMENT) that divides the address of
+    ref's first element for every value of the dynamic indices, and the ops walked to find it."""
+    terms, chain = [0], []                   # address = base + sum(terms), an unknown k for each k*term
+    value = ref
+    while True:
+        op = value.owner
+        if isinstance(op, ir.Block):
+            raise ValueError(f"SMEM ref {ref.type} comes from a block argument: alignment unknown")
+        op = op.opview
+        chain.append(f"{op.name}: {value.type}")
+        if op.name == "gpu.dynamic_shared_memory":
+            break
+        if op.name in _SAME_ADDRESS:
+            value = op.operands[0]
+        elif op.name == "memref.view":
+            shift = _constant(op.byte_shift)
+            terms.append(shift if shift is not None else 1)
+            value = op.source
+        elif op.name == "memref.subview":
+            source = ir.MemRefType(op.source.type)
+            strides, _ = source.get_strides_and_offset()
+            dynamic = iter(op.offsets)
+            for static, stride in zip(op.static_offsets, strides):
+                if static == ir.ShapedType.get_dynamic_stride_or_offset():
+                    index = _constant(next(dynamic))
+                    # an unknown index: any multiple of the stride (terms only ever enter a gcd)
+                    terms.append(stride * _element_bytes(source) * (1 if index is None else index))
+                else:
+                    terms.append(static * stride * _element_bytes(source))
+            value = op.source
+        else:
+            raise ValueError(f"SMEM ref {ref.type}: no alignment rule for {op.name} "
+                             f"(chain so far: {chain})")
+    alignment = math.gcd(BASE_ALIGNMENT, *terms)
+    return alignment, tuple(chain)
+
+
+@contextlib.contextmanager
+def tma_alignment():
+    """Record every TMA copy lowered inside the block: `with tma_alignment() as copies: export(...)`,
+    then `[c for c in copies if not c.ok]` are the misaligned ones."""
+    copies: list[Copy] = []
+    original = launch_context.LaunchContext.async_copy
+
+    def checked(self, *, src_ref, dst_ref, swizzle=None, implementation=None, **kwargs):
+        tma = implementation in (None, launch_context.AsyncCopyImplementation.TMA)
+        smem = [r for r in (src_ref, dst_ref) if mgpu_utils.is_smem_ref(ir.MemRefType(r.type))]
+        if tma and smem:
+            alignment, chain = address_alignment(smem[0])
+            required = max(TMA_ALIGNMENT, 8 * (swizzle or 0))
+            copies.append(Copy(str(smem[0].type), alignment, required, chain))
+        if implementation is not None:
+            kwargs["implementation"] = implementation
+        return original(self, src_ref=src_ref, dst_ref=dst_ref, swizzle=swizzle, **kwargs)
+
+    launch_context.LaunchContext.async_copy = checked
+    try:
+        yield copies
+    finally:
+        launch_context.LaunchContext.async_copy = original
+
+
+def misaligned(copies: list[Copy]) -> list[str]:
+    return [f"{c.smem_type}: address aligned to {c.alignment} B, TMA needs {c.required} B "
+            f"(from {' <- '.join(c.chain)})" for c in copies if not c.ok]
+
+
+def lower_for_cuda(fn, *args, **export_kwargs) -> str:
+    """jax.export for CUDA (the second CPU check of ../shared/PALLAS.md) with every TMA copy's SMEM
+    address checked on the way; returns the module text. A module with a Mosaic GPU kernel must
+    show at least one TMA copy, so a lowering served from jax's cache cannot pass unchecked."""
+    with tma_alignment() as copies:
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], **export_kwargs)(*args)
+    module = exported.mlir_module()
+    if "mosaic_gpu" in module:
+        assert copies, "no TMA copy was lowered (a cached lowering?): alignment unchecked"
+    bad = misaligned(copies)
+    assert not bad, "\n".join(bad)
+    return module
+
+
+def pretend_hopper(monkeypatch) -> None:
+    """Make our dispatch take its GPU branches while lowering on CPU: `jax.default_backend()` says
+    "gpu" to our code (mla_attention, mla_decode and the MoE experts choose on it) and the FP8 path
+    believes it runs on Hopper (model/fp8.py, fp8_gemm's *_auto). jax's own code reads its backend
+    elsewhere, so only the choices of ours change; the lowering still targets CUDA explicitly."""
+    from pallas_kernels import fp8_gemm
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fp8_gemm, "on_hopper", lambda: True)

@@ -260,23 +260,37 @@ def main(argv=None) -> list[dict]:
         print(f"{r['name']}: {'ok' if r['ok'] else 'FAIL'} err={r['error']:.2e} {r['kernel_ms']:.3g} ms "
               f"{r['tflops']:.4g} TFLOP/s {r['gbs']:.4g} GB/s {r['roof'] * 100:.3g}% x{r['vs_xla']:.3g} "
               f"{r['note']}", flush=True)
+        if args.out:        # after every entry: a run cut short by its time limit keeps what it measured
+            _write_out(args.out, _body(rows, ceilings, time.perf_counter() - start), rows)
         if not dry and "CUDA_ERROR" in r["note"]:
             _reexec(argv, rows, ceilings, time.perf_counter() - start)
+    body = _body(rows, ceilings, time.perf_counter() - start)
+    publish("GPU suite" + (" (dry run)" if dry else ""), body, write=not (args.no_write or dry))
+    if args.out:
+        _write_out(args.out, body, rows)
+    return rows
+
+
+def _body(rows: list[dict], ceilings: Ceilings, elapsed: float) -> str:
     fmt = lambda v, scale=1.0: "-" if v is None or v != v else f"{v * scale:.3g}"  # noqa: E731
-    body = (f"Ceilings (XLA): copy {ceilings.copy_gbs:.1f} GB/s, bf16 matmul {ceilings.bf16_tflops:.1f} TFLOP/s, "
-            f"fp8 matmul {ceilings.fp8_tflops:.1f} TFLOP/s. Wall time {time.perf_counter() - start:.0f} s. "
+    return (f"Ceilings (XLA): copy {ceilings.copy_gbs:.1f} GB/s, bf16 matmul {ceilings.bf16_tflops:.1f} TFLOP/s, "
+            f"fp8 matmul {ceilings.fp8_tflops:.1f} TFLOP/s. Wall time {elapsed:.0f} s. "
             f"Times: {_clock_text()}.\n\n"
             + table(["entry", "correct", "error", "ms", "TFLOP/s", "GB/s", "% of ceiling", "x XLA", "note"],
                     [[r["name"], "yes" if r["ok"] else "NO", fmt(r.get("error")), fmt(r.get("kernel_ms")),
                       fmt(r.get("tflops")), fmt(r.get("gbs")), fmt(r.get("roof"), 100), fmt(r.get("vs_xla")),
                       r.get("note", "")] for r in rows]))
-    publish("GPU suite" + (" (dry run)" if dry else ""), body, write=not (args.no_write or dry))
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "suite.md").write_text(f"{jax.__version__} {jax.devices()[0].device_kind}\n\n{body}\n")
-        (out / "suite.json").write_text(json.dumps(rows, indent=1, default=str))
-    return rows
+
+
+def _write_out(directory: str, body: str, rows: list[dict]) -> None:
+    """The table (suite.md) and rows (suite.json) in `directory`, each replaced whole (temp + rename)."""
+    out = pathlib.Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("suite.md", f"{jax.__version__} {jax.devices()[0].device_kind}\n\n{body}\n"),
+                       ("suite.json", json.dumps(rows, indent=1, default=str))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 if __name__ == "__main__":

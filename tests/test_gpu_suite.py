@@ -1,6 +1,7 @@
 """The GPU suite's CPU dry run: every registered kernel entry, interpreted on tiny shapes."""
 
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,29 @@ def test_cuda_fault_continues_in_a_fresh_process(monkeypatch, tmp_path):
     rows = gpu_suite.main(argv[3:])
     assert [r["name"] for r in rows] == ["first", "faulty", "after"]
     assert rows[1]["note"].startswith("FAILED") and rows[2]["note"] == "second process"
+
+
+def test_out_holds_every_entry_measured_before_a_run_is_killed(monkeypatch, tmp_path):
+    """The device tool kills a command at its time limit and returns what $OUT holds then: the table
+    and rows are rewritten after each entry, not only at the end."""
+    first, second = _entry("first", lambda x, interpret: 2 * x), _entry("second", lambda x, interpret: 2 * x)
+    monkeypatch.setattr(registry, "entries", lambda: [first, second])
+    monkeypatch.setattr(gpu_suite, "measure_ceilings", lambda dry, repeat: gpu_suite.Ceilings(1.0, 2.0, 3.0))
+
+    class Killed(BaseException):
+        pass
+
+    def run_entry(entry, *args):
+        if entry.name == "second":
+            raise Killed                                          # the limit strikes mid-entry
+        return dict(name=entry.name, ok=True, error=0.0, kernel_ms=1.5, tflops=1.0, gbs=1.0, roof=0.5,
+                    vs_xla=1.25, note="")
+    monkeypatch.setattr(gpu_suite, "run_entry", run_entry)
+    with pytest.raises(Killed):
+        gpu_suite.main(["--no-write", "--out", str(tmp_path)])
+    assert [r["name"] for r in json.loads((tmp_path / "suite.json").read_text())] == ["first"]
+    assert "| first | yes | 0 | 1.5 |" in (tmp_path / "suite.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_busy_time_is_the_union_of_kernel_spans():

@@ -1,36 +1,43 @@
-"""Lowering for CUDA with TMA shared-memory alignment checked (no GPU needed): `lower_for_cuda`.
+"""Lowering for CUDA with shared-memory alignment checked (no GPU needed): `lower_for_cuda`.
 
 A TMA copy (cp.async.bulk.tensor) faults with CUDA_ERROR_MISALIGNED_ADDRESS unless its SMEM
-address is 128-byte aligned, and a tile swizzled in 128-byte rows must start on a 1024-byte
-boundary (the swizzle pattern is a function of address bits 4-9, and wgmma reads the tile with
-base offset 0). Neither CPU check sees this: the interpreter does not model addresses and the
-lowering does not verify them. On 2026-11-29 the first GPU run of DeepGEMM faulted this way: each
-pipeline stage's B-scale row was 80 bytes (N = 2112: 17 scales padded to 20), so stage 1 began
-80 bytes in, and the fault cost that process every later entry.
+address is 128-byte aligned, and a tile swizzled in S-byte rows must start on a multiple of 8 S
+(the swizzle atom, 1024 bytes for S = 128): the swizzle pattern is a function of the address, and
+Mosaic GPU builds every wgmma operand descriptor with base offset 0, so a swizzled operand that
+starts off the atom is read with the wrong pattern, silently. Neither CPU check sees this: the
+interpreter does not model addresses and the lowering does not verify them. On 2026-11-29 the
+first GPU run of DeepGEMM faulted this way: each pipeline stage's B-scale row was 80 bytes
+(N = 2112: 17 scales padded to 20), so stage 1 began 80 bytes in, and the fault cost that process
+every later entry.
 
-`tma_alignment()` wraps Mosaic GPU's `LaunchContext.async_copy` for the duration of a lowering
-and, for every TMA copy, follows the SMEM operand's definition back to the dynamic shared-memory
-base: views add their byte shift, subviews add offset x stride per dimension (a dynamic index
-adds an unknown multiple of that dimension's stride, so a pipeline slot index contributes the
-stage size), casts and reshapes keep the address. The guaranteed alignment of the address is the
-gcd of all those terms (the base is 1024-aligned: Pallas lays out scratch on 1024-byte
-boundaries). An op it has no rule for is an error, never a guess.
+`smem_alignment()` wraps Mosaic GPU's `LaunchContext.async_copy` and `wgmma` for the duration of
+a lowering and, for every TMA copy and every SMEM wgmma operand, follows the ref's definition
+back to the dynamic shared-memory base: views add their byte shift, subviews add offset x stride
+per dimension (a dynamic index adds an unknown multiple of that dimension's stride, so a pipeline
+slot index contributes the stage size), casts and reshapes keep the address. The guaranteed
+alignment of the address is the gcd of all those terms (the base is 1024-aligned: Pallas lays
+out scratch on 1024-byte boundaries). An op it has no rule for is an error, never a guess.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import math
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import launch_context
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+wgmma_module = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")   # the package's `wgmma`
+                                                                            # attribute is its function
 BASE_ALIGNMENT = 1024     # the dynamic SMEM base: Pallas Mosaic GPU's SMEM_ALIGNMENT
 TMA_ALIGNMENT = 128       # any TMA tensor copy's SMEM address; a tile swizzled in S-byte rows
-                          # must start on a multiple of 8 S (the swizzle atom: 1024 for S=128)
+                          # must start on a multiple of 8 S (the swizzle atom: 1024 for S=128);
+                          # an unswizzled wgmma operand on 16 bytes (descriptor addresses are >> 4)
 
 # Ops that change the type of a ref but not the address of its first element.
 _SAME_ADDRESS = {"builtin.unrealized_conversion_cast", "memref.cast", "memref.expand_shape",
@@ -38,9 +45,11 @@ _SAME_ADDRESS = {"builtin.unrealized_conversion_cast", "memref.cast", "memref.ex
 
 
 @dataclasses.dataclass(frozen=True)
-class Copy:
-    """One TMA copy seen during lowering: its SMEM ref, the alignment its address is guaranteed,
-    the alignment it needs, and the chain of ops from the ref back to the SMEM base."""
+class Access:
+    """One SMEM ref a TMA copy or a wgmma reads or writes, seen during lowering: the op, the ref's
+    type, the alignment its address is guaranteed, the alignment it needs, and the chain of ops
+    from the ref back to the SMEM base."""
+    op: str                  # "tma" or "wgmma"
     smem_type: str
     alignment: int
     required: int
@@ -100,46 +109,67 @@ def address_alignment(ref) -> tuple[int, tuple[str, ...]]:
     return alignment, tuple(chain)
 
 
-@contextlib.contextmanager
-def tma_alignment():
-    """Record every TMA copy lowered inside the block: `with tma_alignment() as copies: export(...)`,
-    then `[c for c in copies if not c.ok]` are the misaligned ones."""
-    copies: list[Copy] = []
-    original = launch_context.LaunchContext.async_copy
+def _access(op: str, ref, swizzle: int | None) -> Access:
+    alignment, chain = address_alignment(ref)
+    return Access(op, str(ref.type), alignment, max(TMA_ALIGNMENT if op == "tma" else 16, 8 * (swizzle or 0)),
+                  chain)
 
-    def checked(self, *, src_ref, dst_ref, swizzle=None, implementation=None, **kwargs):
-        tma = implementation in (None, launch_context.AsyncCopyImplementation.TMA)
-        smem = [r for r in (src_ref, dst_ref) if mgpu_utils.is_smem_ref(ir.MemRefType(r.type))]
-        if tma and smem:
-            alignment, chain = address_alignment(smem[0])
-            required = max(TMA_ALIGNMENT, 8 * (swizzle or 0))
-            copies.append(Copy(str(smem[0].type), alignment, required, chain))
+
+def _is_smem(value) -> bool:
+    return isinstance(value, ir.Value) and mgpu_utils.is_smem_ref(ir.MemRefType(value.type))
+
+
+@contextlib.contextmanager
+def smem_alignment():
+    """Record every TMA copy and SMEM wgmma operand lowered inside the block:
+    `with smem_alignment() as accesses: export(...)`; those with `not a.ok` are misaligned."""
+    accesses: list[Access] = []
+    async_copy, wgmma = launch_context.LaunchContext.async_copy, wgmma_module.wgmma
+
+    def checked_copy(self, *, src_ref, dst_ref, swizzle=None, implementation=None, **kwargs):
+        smem = [r for r in (src_ref, dst_ref) if _is_smem(r)]
+        if implementation in (None, launch_context.AsyncCopyImplementation.TMA) and smem:
+            accesses.append(_access("tma", smem[0], swizzle))
         if implementation is not None:
             kwargs["implementation"] = implementation
-        return original(self, src_ref=src_ref, dst_ref=dst_ref, swizzle=swizzle, **kwargs)
+        return async_copy(self, src_ref=src_ref, dst_ref=dst_ref, swizzle=swizzle, **kwargs)
 
-    launch_context.LaunchContext.async_copy = checked
+    def checked_wgmma(acc, a, b, *, swizzle: int = 128, **kwargs):
+        accesses.extend(_access("wgmma", ref, swizzle) for ref in (a, b) if _is_smem(ref))
+        return wgmma(acc, a, b, swizzle=swizzle, **kwargs)
+
+    # Lane-semantics kernels call wgmma through the package, Warpgroup-semantics ones (the dialect
+    # lowering: fp8_gemm) through its module
+    launch_context.LaunchContext.async_copy = checked_copy
+    mgpu.wgmma = wgmma_module.wgmma = checked_wgmma
     try:
-        yield copies
+        yield accesses
     finally:
-        launch_context.LaunchContext.async_copy = original
+        launch_context.LaunchContext.async_copy = async_copy
+        mgpu.wgmma = wgmma_module.wgmma = wgmma
 
 
-def misaligned(copies: list[Copy]) -> list[str]:
-    return [f"{c.smem_type}: address aligned to {c.alignment} B, TMA needs {c.required} B "
-            f"(from {' <- '.join(c.chain)})" for c in copies if not c.ok]
+def misaligned(accesses: list[Access]) -> list[str]:
+    """One line per misaligned access: the ref, its alignment and need, and the ops that placed it
+    (only the address-changing ones show their result type)."""
+    def step(link: str) -> str:
+        name = link.split(":")[0]
+        return link if name in ("memref.view", "memref.subview") else name
+    return [f"{a.op} {a.smem_type}: address aligned to {a.alignment} B, needs {a.required} B "
+            f"(from {' <- '.join(map(step, a.chain))})" for a in accesses if not a.ok]
 
 
 def lower_for_cuda(fn, *args, **export_kwargs) -> str:
-    """jax.export for CUDA (the second CPU check of ../shared/PALLAS.md) with every TMA copy's SMEM
-    address checked on the way; returns the module text. A module with a Mosaic GPU kernel must
-    show at least one TMA copy, so a lowering served from jax's cache cannot pass unchecked."""
-    with tma_alignment() as copies:
+    """jax.export for CUDA (the second CPU check of ../shared/PALLAS.md) with every TMA copy's and
+    wgmma operand's SMEM address checked on the way; returns the module text. A module with a Mosaic
+    GPU kernel must show at least one TMA copy, so a lowering served from jax's cache cannot pass
+    unchecked."""
+    with smem_alignment() as accesses:
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], **export_kwargs)(*args)
     module = exported.mlir_module()
     if "mosaic_gpu" in module:
-        assert copies, "no TMA copy was lowered (a cached lowering?): alignment unchecked"
-    bad = misaligned(copies)
+        assert any(a.op == "tma" for a in accesses), "no TMA copy was lowered (a cached lowering?): alignment unchecked"
+    bad = misaligned(accesses)
     assert not bad, "\n".join(bad)
     return module
 

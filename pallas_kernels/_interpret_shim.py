@@ -25,6 +25,19 @@ layout inference needs, e.g. before a row reduction) has no CPU lowering, so the
 which evaluates non-memory primitives with XLA:CPU, cannot run it. A layout cast is the
 identity on values; `install()` registers that identity as its CPU lowering. Only the "cpu"
 platform gets the rule: the CUDA lowering of the same kernel is untouched.
+
+Third gap: `pl.run_state(f)(plgpu.ACC.init(x))`, the way a Hopper kernel accumulates wgmma
+results in place across loop steps (JAX's own FlashAttention-3 example does O += P V so), is a
+higher-order primitive the interpreter does not implement ("Higher-order primitive run_state").
+`install()` wraps the interpreter's `JaxprInterpreter.interpret`: a jaxpr without run_state goes
+to the original untouched; one with it is run piecewise, the stretches between run_state
+equations by the original interpreter and each run_state by `_run_state`, with the interpreter's
+token threaded through all of them so the callbacks keep their order. `_run_state` allocates
+each accumulator ref as the interpreter's `run_scoped` allocates `plgpu.ACC` (a register
+buffer), but holding its initial value; interprets the body (its wgmmas accumulate into that
+buffer); reads the buffers back (on the GPU run_state waits for outstanding wgmmas there; the
+interpreter's wgmma is synchronous) and frees them. Other refs of the body (SMEM the body closes
+over) pass through.
 """
 
 from __future__ import annotations
@@ -34,15 +47,19 @@ from typing import Any
 
 import jax
 import numpy as np
+import jax.numpy as jnp
+from jax._src import callback
+from jax._src import core as jax_core
 from jax._src.interpreters import mlir
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu import core as gpu_core
-from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
-from jax._src.state import indexing
-from jax._src.state.types import TransposeTransform
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks, jaxpr_interpret
+from jax._src.state import discharge, indexing
+from jax._src.state.types import AbstractRef, TransposeTransform
 
 _LOCK = threading.Lock()
 _ORIGINAL_WGMMA = gpu_callbacks.wgmma
+_ORIGINAL_INTERPRET = jaxpr_interpret.JaxprInterpreter.interpret
 _LAYOUT_CAST_ON_CPU = False
 
 
@@ -126,12 +143,99 @@ def _wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key
     return token
 
 
+# --- run_state ------------------------------------------------------------------------------
+
+def _is_accumulator(aval) -> bool:
+    return isinstance(aval, AbstractRef) and aval.memory_space == gpu_core.MemorySpace.REGS
+
+
+def _run_state(interp, eqn, token, invals):
+    """One run_state equation: (token, outputs), outputs in eqn.outvars' order.
+
+    Each body ref whose equation input is a value gets a buffer holding it, in register space
+    (per thread: SMEM allocations are collective, made by every thread of the block in the same
+    order, and these are made by the consumer warpgroups only): the accumulators (plgpu.ACC.init)
+    and the values the body closes over (run_state hoists them into refs: P, the register LHS of
+    P V; a slot index). Accumulators are read back at the end; a closed-over value comes back as
+    it went in (run_state drops those outputs). Refs that are refs already (SMEM) pass through."""
+    body = eqn.params["jaxpr"]
+    if not all(eqn.params["is_initialized"]):
+        raise NotImplementedError("interpret shim: run_state with an uninitialized ref")
+    ids = dict(device_id=jnp.int32(interp.device_info.device_id),
+               grid_point_coords=interp.grid_point_coords, thread_id=interp.thread_id)
+    args, buffers = [], []
+    for outer, var, value in zip(eqn.invars, body.invars, invals):
+        if isinstance(outer.aval, AbstractRef):
+            args.append(value)                               # an SMEM ref the body closes over
+            continue
+        owner = gpu_callbacks.get_thread_id_for_collective_allocation_key(
+            thread_id=jnp.int32(interp.thread_id), axes_dims=interp.thread_cluster_shape,
+            is_last_thread_axis_collective=False)
+        token, request = gpu_callbacks.call_make_allocation_request_array(
+            token=token, device_id=ids["device_id"], thread_id=jnp.int32(owner),
+            memory_space_id=gpu_callbacks.get_memory_space_idx(gpu_core.MemorySpace.REGS))
+        token, key = gpu_callbacks.call_allocate_buffer(
+            token=token, **ids, allocation_request_as_array=request,
+            value=jnp.asarray(value, var.aval.dtype), source_info=eqn.source_info)
+        buffers.append((len(args), value, _is_accumulator(var.aval)))
+        args.append(key)
+    token, _ = interp.interpret(body, token, *args)
+    outs = list(args)
+    for i, value, accumulator in buffers:
+        outs[i] = value
+        if accumulator:
+            token, outs[i] = callback.io_callback(
+                lambda **kw: gpu_callbacks.wgmma_accumulator_deref(**kw, source_info=eqn.source_info),
+                (gpu_callbacks.TOKEN_SHAPE_DTYPE, body.invars[i].aval.inner_aval), token=token, **ids,
+                acc_allocation_key_as_array=args[i], wait_n=0, ordered=True)
+        token = gpu_callbacks.call_deallocate_buffer(
+            token=token, **ids, allocation_key_as_array=args[i], source_info=eqn.source_info)
+    return token, outs
+
+
+def _interpret(self, jaxpr, token, *args):
+    """`JaxprInterpreter.interpret`, also running run_state equations (see the module docstring)."""
+    if not any(e.primitive is discharge.run_state_p for e in jaxpr.eqns):
+        return _ORIGINAL_INTERPRET(self, jaxpr, token, *args)
+    env = dict(zip([*jaxpr.constvars, *jaxpr.invars], args))
+    read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]
+    eqns = list(jaxpr.eqns)
+    start = 0
+    while start < len(eqns):
+        if eqns[start].primitive is discharge.run_state_p:
+            eqn = eqns[start]
+            token, outs = _run_state(self, eqn, token, [read(v) for v in eqn.invars])
+            env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jax_core.DropVar))
+            start += 1
+            continue
+        stop = next((i for i in range(start, len(eqns)) if eqns[i].primitive is discharge.run_state_p),
+                    len(eqns))
+        run = eqns[start:stop]
+        defined = {v for e in run for v in e.outvars}
+        later = {v for v in [*(v for e in eqns[stop:] for v in e.invars), *jaxpr.outvars]
+                 if not isinstance(v, jax_core.Literal)}
+        free = list(dict.fromkeys(v for e in run for v in e.invars
+                                  if not isinstance(v, jax_core.Literal) and v not in defined))
+        # (nested jaxprs' free variables are equation inputs, so `free` is complete)
+        kept = [v for v in dict.fromkeys(v for e in run for v in e.outvars)
+                if v in later and not isinstance(v, jax_core.DropVar)]
+        piece = jax_core.Jaxpr([], free, kept, run, jax_core.no_effects,
+                               jax_core.DebugInfo("interpret shim: a stretch between run_states",
+                                                  "", None, None))
+        token, outs = _ORIGINAL_INTERPRET(self, piece, token, *[env[v] for v in free])
+        env.update(zip(kept, outs))
+        start = stop
+    return token, [read(v) for v in jaxpr.outvars]
+
+
 def install() -> None:
-    """Interpreter: wgmma accepts transposed operands; layout_cast runs on CPU (idempotent)."""
+    """Interpreter: wgmma accepts transposed operands; layout_cast runs on CPU; run_state
+    accumulates in place (idempotent)."""
     global _LAYOUT_CAST_ON_CPU
     with _LOCK:
         if gpu_callbacks.wgmma is not _wgmma:    # other code (tests) may have swapped it
             gpu_callbacks.wgmma = _wgmma
+        jaxpr_interpret.JaxprInterpreter.interpret = _interpret
         if not _LAYOUT_CAST_ON_CPU:
             gpu_core.layout_cast_p.def_impl(lambda x, *, new_layout: x)
             mlir.register_lowering(
@@ -140,4 +244,5 @@ def install() -> None:
 
 
 def installed() -> bool:
-    return gpu_callbacks.wgmma is _wgmma and _LAYOUT_CAST_ON_CPU
+    return (gpu_callbacks.wgmma is _wgmma and _LAYOUT_CAST_ON_CPU
+            and jaxpr_interpret.JaxprInterpreter.interpret is _interpret)

@@ -248,22 +248,16 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
             plgpu.commit_smem()
 
     def times_v(o_acc, slot, alpha, p_lhs):
-        """o_acc (rescaled by alpha unless None) + P V_half of the page in `slot`. PV in four
-        64-column pieces, each into a fresh accumulator that is then added: the GPU interpreter
-        has no `run_state` (pre-initialised accumulators), and a 64-column piece keeps the
-        running output plus one piece well under the register budget."""
-        pieces = []
-        for c, o_c in enumerate(o_acc):
-            v_smem = k_smem.at[slot, :, pl.ds(wg * half + c * QUARTER, QUARTER)]  # [P, 64]
+        """o_acc (rescaled by alpha unless None) + P V_half of the page in `slot`, accumulated
+        in place (run_state): the four 64-column wgmmas issue back to back and are awaited once,
+        and no fresh accumulator is added in registers afterwards."""
+        def pv(acc_refs):
+            for c, acc_ref in enumerate(acc_refs):
+                plgpu.wgmma(acc_ref, p_lhs, k_smem.at[slot, :, pl.ds(wg * half + c * QUARTER, QUARTER)])
 
-            def pv(acc_ref, v_smem=v_smem):
-                plgpu.wgmma(acc_ref, p_lhs, v_smem)
-                return acc_ref[...]
-
-            piece = pl.run_scoped(pv, plgpu.ACC((64, QUARTER), jnp.float32))
-            pieces.append((o_c if alpha is None else o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]))
-                          + piece)
-        return tuple(pieces)
+        if alpha is not None:
+            o_acc = tuple(o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]) for o_c in o_acc)
+        return pl.run_state(pv)(tuple(plgpu.ACC.init(o_c) for o_c in o_acc))
 
     def page_step(step, carry):
         o_acc, m_i, l_i = carry

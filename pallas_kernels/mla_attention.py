@@ -31,11 +31,10 @@ Backward, given D = rowsum(dO * O) (jnp, fused by XLA):
     dS^T = P^T (dP^T - D), dK += dS^T Q. No atomics: each kernel owns its outputs.
 
 Known costs of this first version (not yet measured on a GPU):
-- the Mosaic GPU interpreter has no `run_state` (pre-initialised wgmma accumulators), so each
-  matmul that accumulates across kv steps goes into a fresh accumulator that is then added in
-  registers (as in flash_mla.py), in 64-column pieces to bound register pressure; the dK/dV
-  kernel still holds dK and dV (160 fp32 registers a thread) plus S^T and dP^T, so ptxas may
-  spill there;
+- the matmuls that accumulate across steps (O, dQ, dK, dV) do so in place, in 64-column
+  chunks (`pl.run_state` over `plgpu.ACC.init`; the interpreter runs it through
+  pallas_kernels/_interpret_shim.py), but the dK/dV kernel still holds dK and dV (160 fp32
+  registers a thread) plus S^T and dP^T, so ptxas may spill there;
 - the backward kernels use no ping-pong schedule barrier;
 - masked steps (diagonal tiles, or every step with segment ids) build the mask from iotas and
   segment ids each step.
@@ -144,6 +143,12 @@ def _matmul(shape, issue):
         return acc_ref[...]
 
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(accs, issue):
+    """accs (fp32 [64, 64] chunks) + the products `issue(acc_refs)` adds (wgmma calls), in place:
+    the wgmmas issue back to back and are awaited once, when run_state returns."""
+    return pl.run_state(issue)(tuple(plgpu.ACC.init(a) for a in accs))
 
 
 def _load_chunks(gmem, b, t0, h, smem, bars, first_bar):
@@ -319,13 +324,13 @@ def _fwd_consume(st, cq, cv, wg, t0, lo, hi, q_smem, q_seg, k_smem, v_smem, kseg
         plgpu.barrier_arrive(schedule.at[0])                    # softmax done
         plgpu.barrier_wait(v_bars.at[slot])
         plgpu.barrier_wait(schedule.at[0])                      # tensor cores are ours
-        new_o = []
-        for c, o_c in enumerate(o):
-            v_chunk = v_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)]                 # [bk, 64]
-            piece = _matmul((ROWS, CHUNK), lambda acc, v=v_chunk: plgpu.wgmma(acc, p16, v))
-            new_o.append(o_c * _rows(alpha, o_c.shape) + piece)
+        def pv(accs):
+            for c, acc in enumerate(accs):
+                plgpu.wgmma(acc, p16, v_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bk, 64]
+
+        o = _accumulate(tuple(o_c * _rows(alpha, o_c.shape) for o_c in o), pv)
         plgpu.barrier_arrive(v_consumed.at[slot])
-        return tuple(new_o), m_new, l_i
+        return o, m_new, l_i
 
     carry = (tuple(_zeros((ROWS, CHUNK)) for _ in range(cv)),
              plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
@@ -455,13 +460,13 @@ def _dq_consume(st, cq, cv, t0, lo, hi, q_smem, do_smem, lse, delta, q_seg, k_sm
 
         dp = _matmul(shape, do_vt)                                       # [64, bk]
         ds16 = (p * (dp - _rows(delta, shape))).astype(jnp.bfloat16)
-        new = []
-        for c, dq_c in enumerate(dq):
-            k_chunk = k_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)]                # [bk, 64]
-            new.append(dq_c + _matmul((ROWS, CHUNK),
-                                      lambda acc, k=k_chunk: plgpu.wgmma(acc, ds16, k)))
+        def ds_k(accs):
+            for c, acc in enumerate(accs):
+                plgpu.wgmma(acc, ds16, k_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bk, 64]
+
+        dq = _accumulate(dq, ds_k)
         plgpu.barrier_arrive(consumed.at[slot])
-        return tuple(new)
+        return dq
 
     return lax.fori_loop(lo, hi, step, tuple(_zeros((ROWS, CHUNK)) for _ in range(cq)))
 
@@ -576,11 +581,11 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
         p_t = jnp.exp2(s_t - lse)
         p16 = p_t.astype(jnp.bfloat16)
         plgpu.barrier_wait(do_bars.at[slot])
-        new_dv = []
-        for c, dv_c in enumerate(dv):
-            do_chunk = do_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)]              # [bq, 64]
-            new_dv.append(dv_c + _matmul((ROWS, CHUNK),
-                                         lambda acc, d=do_chunk: plgpu.wgmma(acc, p16, d)))
+        def p_do(accs):
+            for c, acc in enumerate(accs):
+                plgpu.wgmma(acc, p16, do_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bq, 64]
+
+        dv = _accumulate(dv, p_do)
 
         def v_dot(acc):
             for c in range(cv):
@@ -589,13 +594,13 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
 
         dp_t = _matmul(shape, v_dot)                                      # [64 keys, bq]
         ds16 = (p_t * (dp_t - delta)).astype(jnp.bfloat16)
-        new_dk = []
-        for c, dk_c in enumerate(dk):
-            q_chunk = q_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)]                # [bq, 64]
-            new_dk.append(dk_c + _matmul((ROWS, CHUNK),
-                                         lambda acc, q=q_chunk: plgpu.wgmma(acc, ds16, q)))
+        def ds_q(accs):
+            for c, acc in enumerate(accs):
+                plgpu.wgmma(acc, ds16, q_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bq, 64]
+
+        dk = _accumulate(dk, ds_q)
         plgpu.barrier_arrive(consumed.at[slot])
-        return tuple(new_dk), tuple(new_dv)
+        return dk, dv
 
     zeros = lambda n: tuple(_zeros((ROWS, CHUNK)) for _ in range(n))  # noqa: E731
     return lax.fori_loop(lo, hi, step, (zeros(cq), zeros(cv)))

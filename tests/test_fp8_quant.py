@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -161,3 +162,95 @@ def test_unpatched_interpreter_fails_on_the_transposed_view():
     assert _interpret_shim.installed()
     out = _wgmma_kernel(True, jnp.float8_e4m3fn, interpret=True)(a, b)
     np.testing.assert_array_equal(np.asarray(out), 128.0)
+
+
+def _accumulate_kernel(steps: int, interpret: bool):
+    """o = 1 + Σ_i (P_i + A_i)·B_i over `steps` [64, 64] tiles, accumulated in place with
+    pl.run_state(...)(plgpu.ACC.init(o)), as FlashMLA's and mla_attention's O += P·V are: a
+    producer warpgroup streams A_i and B_i through a 2-slot ring; each of two consumer
+    warpgroups adds P_i·B_i (P_i = i + 1 + wg, in registers: run_state hoists it into a ref) and
+    A_i·B_i (A_i from SMEM) to its own accumulator, then releases the slot."""
+    def body(a_gmem, b_gmem, o_gmem):
+        wg = lax.axis_index("wg")
+
+        def scope(a_smem, b_smem, o_smem, loaded, consumed):
+            @pl.when(wg == 2)
+            def _producer():
+                @pl.loop(0, steps)
+                def _(i):
+                    slot = lax.rem(i, 2)
+
+                    @pl.when(i >= 2)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+                    plgpu.copy_gmem_to_smem(a_gmem.at[i], a_smem.at[slot], loaded.at[slot])
+                    plgpu.copy_gmem_to_smem(b_gmem.at[i], b_smem.at[slot], loaded.at[slot])
+
+                @pl.loop(max(steps - 2, 0), steps)
+                def _(i):
+                    plgpu.barrier_wait(consumed.at[lax.rem(i, 2)])
+
+            @pl.when(wg < 2)
+            def _consumers():
+                def step(i, o):
+                    slot = lax.rem(i, 2)
+                    plgpu.barrier_wait(loaded.at[slot])
+                    p = plgpu.layout_cast(jnp.full((64, 64), 1.0, jnp.bfloat16), plgpu.Layout.WGMMA)
+                    p = p * (i + 1 + wg).astype(jnp.bfloat16)
+
+                    def mma(acc_ref):
+                        plgpu.wgmma(acc_ref, p, b_smem.at[slot])
+                        plgpu.wgmma(acc_ref, a_smem.at[slot], b_smem.at[slot])
+
+                    o = pl.run_state(mma)(plgpu.ACC.init(o))
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return o
+
+                o0 = plgpu.layout_cast(jnp.full((64, 64), 1.0, jnp.float32), plgpu.Layout.WGMMA)
+                o_smem.at[wg][...] = lax.fori_loop(0, steps, step, o0)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[wg])
+                plgpu.wait_smem_to_gmem(0)
+
+        tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        pl.run_scoped(scope, plgpu.SMEM((2, 64, 64), jnp.bfloat16, transforms=tr),
+                      plgpu.SMEM((2, 64, 64), jnp.bfloat16, transforms=tr),
+                      plgpu.SMEM((2, 64, 64), jnp.float32),
+                      plgpu.Barrier(num_arrivals=2, num_barriers=2),
+                      plgpu.Barrier(num_arrivals=2, num_barriers=2), collective_axes="wg")
+
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((2, 64, 64), jnp.float32),
+                        num_threads=3, thread_name="wg",
+                        interpret=InterpretGPUParams() if interpret else None)
+
+
+def test_shim_runs_run_state_accumulators_in_place():
+    """The interpreter has no run_state; with the shim the kernel equals its float64 sum, and the
+    very same kernel lowers for CUDA."""
+    _interpret_shim.install()
+    steps = 5
+    a = jax.random.normal(jax.random.key(0), (steps, 64, 64)).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (steps, 64, 64)).astype(jnp.bfloat16)
+    out = np.asarray(_accumulate_kernel(steps, interpret=True)(a, b))
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    for wg in range(2):
+        want = 1 + sum((i + 1 + wg + a64[i]) @ b64[i] for i in range(steps))
+        np.testing.assert_allclose(out[wg], want, rtol=1e-5, atol=1e-3)
+    assert "mosaic_gpu" in lower_for_cuda(_accumulate_kernel(steps, interpret=False), a, b)
+
+
+def test_unpatched_interpreter_has_no_run_state():
+    from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (
+        reset_gpu_interpret_mode_state)
+    _interpret_shim.install()
+    a = jnp.ones((2, 64, 64), jnp.bfloat16)
+    jaxpr_interpret.JaxprInterpreter.interpret = _interpret_shim._ORIGINAL_INTERPRET
+    try:
+        with pytest.raises(Exception, match="run_state"):
+            jax.block_until_ready(_accumulate_kernel(2, interpret=True)(a, a))
+    finally:
+        reset_gpu_interpret_mode_state()
+        _interpret_shim.install()
+    assert _interpret_shim.installed()

@@ -130,3 +130,13 @@ for _s_k, _s_q in itertools.product((4096, 32768), (1, 2)):
         reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
         baselines={}, bound=_bound(128, _s_q), peak="bf16", quick=False,
     )))
+# A/B: O += P V as timed on 2026-11-29 (a fresh accumulator per 64-column chunk, awaited and
+# added in registers) against the default, which accumulates in place (pl.run_state).
+for _s_k, _s_q in ((8192, 1), (32768, 2)):
+    ENTRIES.append(register(KernelEntry(
+        name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} fresh accumulators",
+        make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
+        kernel=functools.partial(_kernel, config=fm.TuningConfig(accumulate_in_place=False)),
+        reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
+        baselines={}, bound=_bound(128, _s_q), peak="bf16", quick=False,
+    )))

@@ -75,6 +75,10 @@ class TuningConfig:
     # (exchanged through one SMEM tile) by their V halves, as FlashMLA shares P: 1/1.53 of the
     # tensor-core work of both computing every S (the default), for three barriers a pair.
     pair_pages: bool = False
+    # O += P V in place (pl.run_state over the four 64-column accumulators: one wait a page).
+    # False: the form timed on 2026-11-29, a fresh accumulator per chunk, awaited and added in
+    # registers; kept for the GPU suite's A/B until a GPU run has compared them.
+    accumulate_in_place: bool = True
 
     def __post_init__(self):
         if self.block_m != 64:
@@ -99,6 +103,7 @@ class _Static:
     scale_log2: float     # softmax_scale * log2(e)
     slots: int
     pairs: bool = False   # TuningConfig.pair_pages
+    in_place: bool = True  # TuningConfig.accumulate_in_place
 
 
 # ----------------------------------------------------------------------------- 2. kernel
@@ -251,13 +256,24 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         """o_acc (rescaled by alpha unless None) + P V_half of the page in `slot`, accumulated
         in place (run_state): the four 64-column wgmmas issue back to back and are awaited once,
         and no fresh accumulator is added in registers afterwards."""
+        def v_chunk(c):
+            return k_smem.at[slot, :, pl.ds(wg * half + c * QUARTER, QUARTER)]  # [P, 64]
+
         def pv(acc_refs):
             for c, acc_ref in enumerate(acc_refs):
-                plgpu.wgmma(acc_ref, p_lhs, k_smem.at[slot, :, pl.ds(wg * half + c * QUARTER, QUARTER)])
+                plgpu.wgmma(acc_ref, p_lhs, v_chunk(c))
 
         if alpha is not None:
             o_acc = tuple(o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]) for o_c in o_acc)
-        return pl.run_state(pv)(tuple(plgpu.ACC.init(o_c) for o_c in o_acc))
+        if st.in_place:
+            return pl.run_state(pv)(tuple(plgpu.ACC.init(o_c) for o_c in o_acc))
+
+        def piece(acc_ref, c):                                         # the 2026-11-29 form
+            plgpu.wgmma(acc_ref, p_lhs, v_chunk(c))
+            return acc_ref[...]
+
+        return tuple(o_c + pl.run_scoped(functools.partial(piece, c=c), plgpu.ACC((64, QUARTER), jnp.float32))
+                     for c, o_c in enumerate(o_acc))
 
     def page_step(step, carry):
         o_acc, m_i, l_i = carry
@@ -507,7 +523,7 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     metadata = jnp.clip(metadata.astype(jnp.int32), 0, n_table)
     st = _Static(s_q=s_q, heads_per_kv=g, rows=rows, h_kv=h_kv, causal=causal,
                  scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots,
-                 pairs=config.pair_pages)
+                 pairs=config.pair_pages, in_place=config.accumulate_in_place)
     rp = m_tiles * 64
     kernel = plgpu.kernel(
         functools.partial(_kernel, st),

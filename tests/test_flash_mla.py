@@ -28,6 +28,7 @@ class Case:
     fp8: bool = False
     num_sm_parts: int = 4        # few simulated SMs: a handful of CTAs, 2 splits for b = 2
     pairs: bool = False          # TuningConfig.pair_pages
+    in_place: bool = True        # TuningConfig.accumulate_in_place
 
 
 CASES = [
@@ -38,6 +39,9 @@ CASES = [
     Case("pairs_varlen_empty_sq1_h16", (300, 0, 37, 130), s_q=1, h_q=16, causal=False, num_sm_parts=6,
          pairs=True),
     Case("pairs_causal_sq2_h64", (65, 200), s_q=2, h_q=64, causal=True, num_sm_parts=3, pairs=True),
+    # O += P V into a fresh accumulator per chunk (the suite's A/B against the in-place default)
+    Case("fresh_acc_causal_sq2_h16", (130, 0, 70), s_q=2, h_q=16, causal=True, num_sm_parts=4,
+         in_place=False),
 ]
 
 
@@ -112,7 +116,8 @@ def check(name, out, lse, out_gt, lse_gt):
 
 
 def run_kernel(case, args, interpret=True):
-    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs)
+    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs,
+                             accumulate_in_place=case.in_place)
     return fm.flash_mla_with_kvcache(*args, causal=case.causal, interpret=interpret,
                                      config=config)
 
@@ -131,7 +136,8 @@ def test_kernel_interpreted_vs_float64(case, report):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_lowers_for_cuda(case):
     args, _, _ = make_case(case)
-    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs)
+    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs,
+                             accumulate_in_place=case.in_place)
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=case.causal, config=config)
     assert "mosaic_gpu" in lower_for_cuda(fn, *args)
 

@@ -34,10 +34,10 @@ to the original untouched; one with it is run piecewise, the stretches between r
 equations by the original interpreter and each run_state by `_run_state`, with the interpreter's
 token threaded through all of them so the callbacks keep their order. `_run_state` allocates
 each accumulator ref as the interpreter's `run_scoped` allocates `plgpu.ACC` (a register
-buffer), but holding its initial value; interprets the body (its wgmmas accumulate into that
-buffer); reads the buffers back (on the GPU run_state waits for outstanding wgmmas there; the
-interpreter's wgmma is synchronous) and frees them. Other refs of the body (SMEM the body closes
-over) pass through.
+buffer), but holding its initial value (so are the values the body closes over, which run_state
+hoists into refs); interprets the body (its wgmmas accumulate into that buffer); reads the
+accumulators back (on the GPU run_state waits for outstanding wgmmas there; the interpreter's
+wgmma is synchronous) and frees the buffers. SMEM refs the body closes over pass through.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import threading
 from typing import Any
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax._src import callback
 from jax._src import core as jax_core
 from jax._src.interpreters import mlir

@@ -324,6 +324,7 @@ def _fwd_consume(st, cq, cv, wg, t0, lo, hi, q_smem, q_seg, k_smem, v_smem, kseg
         plgpu.barrier_arrive(schedule.at[0])                    # softmax done
         plgpu.barrier_wait(v_bars.at[slot])
         plgpu.barrier_wait(schedule.at[0])                      # tensor cores are ours
+
         def pv(accs):
             for c, acc in enumerate(accs):
                 plgpu.wgmma(acc, p16, v_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bk, 64]
@@ -460,6 +461,7 @@ def _dq_consume(st, cq, cv, t0, lo, hi, q_smem, do_smem, lse, delta, q_seg, k_sm
 
         dp = _matmul(shape, do_vt)                                       # [64, bk]
         ds16 = (p * (dp - _rows(delta, shape))).astype(jnp.bfloat16)
+
         def ds_k(accs):
             for c, acc in enumerate(accs):
                 plgpu.wgmma(acc, ds16, k_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bk, 64]
@@ -581,6 +583,7 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
         p_t = jnp.exp2(s_t - lse)
         p16 = p_t.astype(jnp.bfloat16)
         plgpu.barrier_wait(do_bars.at[slot])
+
         def p_do(accs):
             for c, acc in enumerate(accs):
                 plgpu.wgmma(acc, p16, do_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bq, 64]
@@ -594,6 +597,7 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
 
         dp_t = _matmul(shape, v_dot)                                      # [64 keys, bq]
         ds16 = (p_t * (dp_t - delta)).astype(jnp.bfloat16)
+
         def ds_q(accs):
             for c, acc in enumerate(accs):
                 plgpu.wgmma(acc, ds16, q_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bq, 64]

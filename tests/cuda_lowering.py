@@ -32,12 +32,14 @@ from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import launch_context
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-wgmma_module = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")   # the package's `wgmma`
-                                                                            # attribute is its function
+# The module (the package's attribute of that name is its function).
+wgmma_module = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")
+
 BASE_ALIGNMENT = 1024     # the dynamic SMEM base: Pallas Mosaic GPU's SMEM_ALIGNMENT
-TMA_ALIGNMENT = 128       # any TMA tensor copy's SMEM address; a tile swizzled in S-byte rows
-                          # must start on a multiple of 8 S (the swizzle atom: 1024 for S=128);
-                          # an unswizzled wgmma operand on 16 bytes (descriptor addresses are >> 4)
+TMA_ALIGNMENT = 128       # any TMA tensor copy's SMEM address
+WGMMA_ALIGNMENT = 16      # an unswizzled wgmma operand (descriptor addresses are in 16-byte units)
+# A tile swizzled in S-byte rows, for TMA and wgmma alike, starts on a multiple of 8 S (the
+# swizzle atom: 1024 bytes for S = 128).
 
 # Ops that change the type of a ref but not the address of its first element.
 _SAME_ADDRESS = {"builtin.unrealized_conversion_cast", "memref.cast", "memref.expand_shape",
@@ -111,8 +113,8 @@ def address_alignment(ref) -> tuple[int, tuple[str, ...]]:
 
 def _access(op: str, ref, swizzle: int | None) -> Access:
     alignment, chain = address_alignment(ref)
-    return Access(op, str(ref.type), alignment, max(TMA_ALIGNMENT if op == "tma" else 16, 8 * (swizzle or 0)),
-                  chain)
+    required = max(TMA_ALIGNMENT if op == "tma" else WGMMA_ALIGNMENT, 8 * (swizzle or 0))
+    return Access(op, str(ref.type), alignment, required, chain)
 
 
 def _is_smem(value) -> bool:
@@ -168,7 +170,8 @@ def lower_for_cuda(fn, *args, **export_kwargs) -> str:
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], **export_kwargs)(*args)
     module = exported.mlir_module()
     if "mosaic_gpu" in module:
-        assert any(a.op == "tma" for a in accesses), "no TMA copy was lowered (a cached lowering?): alignment unchecked"
+        assert any(a.op == "tma" for a in accesses), \
+            "no TMA copy was lowered (a cached lowering?): alignment unchecked"
     bad = misaligned(accesses)
     assert not bad, "\n".join(bad)
     return module

@@ -485,7 +485,8 @@ def test_engine_steps_lower_for_cuda_with_flash_mla(cache_dtype, monkeypatch):
         return call
 
     engine._steps = {key: recorded(key, fn) for key, fn in engine._steps.items()}
-    prompts = [[int(t) for t in np.random.default_rng(i).integers(0, cfg.vocab_size, n)] for i, n in enumerate((20, 70))]
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, n)] for n in (20, 70)]
     engine.run([(p, SamplingParams(max_tokens=5)) for p in prompts])
     assert set(calls) == {False, "multi"}                 # prefill, then decode 2 tokens a call
     pretend_hopper(monkeypatch)

@@ -119,24 +119,23 @@ ENTRIES.append(register(KernelEntry(
     bound="memory", peak="bf16", quick=True,
 )))
 
-# Tuning sweep: page pairs (each consumer computes S for one page of two and P is shared: 1/1.53
-# of the MMA work), not yet timed. Dropped after the 2026-11-29 H200 run (BENCHMARKS.md): one page
-# in flight (1.7x slower) and num_sm_parts 33/66 (no change beyond noise at b=128).
-for _s_k, _s_q in itertools.product((4096, 32768), (1, 2)):
-    ENTRIES.append(register(KernelEntry(
-        name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} pair_pages",
-        make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
-        kernel=functools.partial(_kernel, config=fm.TuningConfig(pair_pages=True)),
-        reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
-        baselines={}, bound=_bound(128, _s_q), peak="bf16", quick=False,
-    )))
+
+def _sweep(label: str, config: fm.TuningConfig, shapes) -> None:
+    """Tuning-sweep entries (no baselines: the suite compares them with the default entries)."""
+    for s_k, s_q in shapes:
+        ENTRIES.append(register(KernelEntry(
+            name=f"flash_mla b=128 s_k={s_k} h_q=128 s_q={s_q} {label}",
+            make_inputs=functools.partial(_make_inputs, 128, s_k, 128, s_q),
+            kernel=functools.partial(_kernel, config=config),
+            reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
+            baselines={}, bound=_bound(128, s_q), peak="bf16", quick=False,
+        )))
+
+
+# Page pairs (each consumer computes S for one page of two and P is shared: 1/1.53 of the MMA
+# work), not yet timed. Dropped after the 2026-11-29 H200 run (BENCHMARKS.md): one page in flight
+# (1.7x slower) and num_sm_parts 33/66 (no change beyond noise at b=128).
+_sweep("pair_pages", fm.TuningConfig(pair_pages=True), itertools.product((4096, 32768), (1, 2)))
 # A/B: O += P V as timed on 2026-11-29 (a fresh accumulator per 64-column chunk, awaited and
 # added in registers) against the default, which accumulates in place (pl.run_state).
-for _s_k, _s_q in ((8192, 1), (32768, 2)):
-    ENTRIES.append(register(KernelEntry(
-        name=f"flash_mla b=128 s_k={_s_k} h_q=128 s_q={_s_q} fresh accumulators",
-        make_inputs=functools.partial(_make_inputs, 128, _s_k, 128, _s_q),
-        kernel=functools.partial(_kernel, config=fm.TuningConfig(accumulate_in_place=False)),
-        reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
-        baselines={}, bound=_bound(128, _s_q), peak="bf16", quick=False,
-    )))
+_sweep("fresh accumulators", fm.TuningConfig(accumulate_in_place=False), ((8192, 1), (32768, 2)))

@@ -209,7 +209,7 @@ def test_v3_shapes_lower_for_cuda(segments):
         return out.astype(jnp.float32).sum()
 
     module = lower_for_cuda(lambda *a: ma.mla_attention(*a[:3], segment_ids=a[3] if segments else None,
-                                                implementation="pallas"), q, q, v, seg)
+                                                        implementation="pallas"), q, q, v, seg)
     assert module.count("mosaic_gpu") >= 1
     module = lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, q, v, seg)
     assert module.count("mosaic_gpu") >= 3          # forward, dq and dk/dv kernels

@@ -28,8 +28,9 @@ Known costs of this first version (not yet measured on a GPU):
   the SMEM budget (231,496 of 232,448 bytes) only with 1 KiB of reduction scratch instead of
   Pallas's default 2 KiB, and costs three barriers a pair. Page 2j's slot is handed back for
   refilling as soon as both warpgroups have multiplied its P, so page 2j + 2 loads during page
-  2j + 1's PV (both slots hold the pair, so that is the only overlap). Off until a GPU run
-  measures it;
+  2j + 1's PV (both slots hold the pair, so that is the only overlap). ptxas spills 660-770
+  bytes in it (the default: 4-44; benchmarks/ptxas.py), so it likely needs fewer live values
+  before it can win. Off until a GPU run measures it;
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel, so it saves cache memory but
@@ -59,6 +60,12 @@ FP8_TOKEN_BYTES = D_V + 4 * 4 + D_ROPE * 2   # 656: 512 e4m3, 4 f32 scales, 64 b
 FP8_TILE = 128      # one scale per 128 latent values
 QUARTER = 64        # PV accumulator width (one 64-column chunk of Dv)
 NUM_SMS = 132       # H100/H200 SXM
+# Registers a thread (setmaxnreg) after the warpgroups split: the TMA producer hands its share to the
+# two consumers, 24 + 2 x 240 = 504 per thread slot (x 128 = 64,512 of the SM's 65,536), FA3's
+# split. ptxas at the GPU suite's shapes (python -m benchmarks.ptxas, 2026-11-30) spilled less
+# with it than with 40 / 232: FlashMLA 84 -> 44 bytes of spill stores at s_q = 2, 56 -> 4 at s_q = 1.
+PRODUCER_REGISTERS = 24
+CONSUMER_REGISTERS = 240
 
 
 # ----------------------------------------------------------------------------- 1. tuning
@@ -143,7 +150,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
         # q_smem [D / 64, 64, 64] bf16 (Q in chunks); k_smem [slots, P, D] bf16.
         @pl.when(wg == 2)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
             plgpu.copy_gmem_to_smem(q_gmem.at[b, kvh, m_idx], q_smem, q_bar)
 
             def fetch(step, slot):
@@ -167,7 +174,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
 
         @pl.when(wg < 2)
         def _consumers():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
             shared = (p_smem, vec_smem, done_bar) if st.pairs else ()
             o_acc, m_i, l_i = _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem,
                                        q_bar, k_bars, consumed_bars, *shared)

@@ -34,7 +34,8 @@ Known costs of this first version (not yet measured on a GPU):
 - the matmuls that accumulate across steps (O, dQ, dK, dV) do so in place, in 64-column
   chunks (`pl.run_state` over `plgpu.ACC.init`; the interpreter runs it through
   pallas_kernels/_interpret_shim.py), but the dK/dV kernel still holds dK and dV (160 fp32
-  registers a thread) plus S^T and dP^T, so ptxas may spill there;
+  registers a thread) plus S^T and dP^T: ptxas spills there, 88 bytes of stores at V3's shapes
+  with the consumers' 240 registers (benchmarks/ptxas.py; forward and dQ spill nothing);
 - the backward kernels use no ping-pong schedule barrier;
 - masked steps (diagonal tiles, or every step with segment ids) build the mask from iotas and
   segment ids each step.
@@ -59,6 +60,13 @@ CHUNK = 64           # head-dim chunk: one 128-byte swizzle row of bf16
 CONSUMERS = 2        # consumer warpgroups per CTA
 CTA_ROWS = ROWS * CONSUMERS
 LOG2E = math.log2(math.e)
+# Registers a thread (setmaxnreg) after the warpgroups split: the TMA producer hands its share to the
+# two consumers, 24 + 2 x 240 = 504 per thread slot (x 128 = 64,512 of the SM's 65,536), FA3's
+# split. ptxas at the GPU suite's shapes (python -m benchmarks.ptxas, 2026-11-30) spilled less
+# with it than with 40 / 232: the dK/dV kernel 300 -> 188 bytes of spill stores; the
+# forward and dQ kernels spill nothing either way.
+PRODUCER_REGISTERS = 24
+CONSUMER_REGISTERS = 240
 
 
 # ----------------------------------------------------------------------------- 1. tuning
@@ -224,7 +232,7 @@ def _fwd_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, seg_gmem, o_
                k_bars, v_bars, kseg_bars, k_consumed, v_consumed, schedule):
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
             def fetch(i, slot, part):
                 rows = pl.ds((lo + i) * bk, bk)
@@ -242,7 +250,7 @@ def _fwd_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, seg_gmem, o_
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
             t0 = qi * CTA_ROWS + wg * ROWS
             my_q = q_smem.at[wg]                                         # [Cq, 64, 64]
             _load_chunks(q_gmem, b, t0, h, my_q, q_bars, wg * cq)
@@ -367,7 +375,7 @@ def _dq_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, do_gmem, lse_
                do_bars, vec_bars, qseg_bars, k_bars, v_bars, kseg_bars, consumed):
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
             def fetch(i, slot, part):
                 rows = pl.ds((lo + i) * bk, bk)
@@ -381,7 +389,7 @@ def _dq_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, do_gmem, lse_
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
             t0 = qi * CTA_ROWS + wg * ROWS
             my_q, my_do, my_vec = q_smem.at[wg], do_smem.at[wg], vec_smem.at[wg]
             _load_chunks(q_gmem, b, t0, h, my_q, q_bars, wg * cq)
@@ -491,7 +499,7 @@ def _dkv_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, do_gmem, lse
 
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
             def fetch(i, slot, part):
                 rows = pl.ds((lo + i) * bq, bq)
@@ -509,7 +517,7 @@ def _dkv_kernel(st, d_qk, d_v, ranges_gmem, q_gmem, k_gmem, v_gmem, do_gmem, lse
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
             t0 = ki * CTA_ROWS + wg * ROWS
             my_k, my_v = k_smem.at[wg], v_smem.at[wg]
             _load_chunks(k_gmem, b, t0, h, my_k, k_bars, wg * cq)
@@ -578,9 +586,7 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
                 q_seg = _cols(_col_vector(qseg_ring.at[slot]), shape)
             s_t = _mask(st, s_t, col + qt * bq, kv_pos, q_seg,
                         _rows(kv_seg, shape) if st.segments else None)
-        lse = _cols(_col_vector(vec_ring.at[slot, 0]), shape)
-        delta = _cols(_col_vector(vec_ring.at[slot, 1]), shape)
-        p_t = jnp.exp2(s_t - lse)
+        p_t = jnp.exp2(s_t - _cols(_col_vector(vec_ring.at[slot, 0]), shape))     # lse2
         p16 = p_t.astype(jnp.bfloat16)
         plgpu.barrier_wait(do_bars.at[slot])
 
@@ -596,6 +602,9 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
                 plgpu.wgmma(acc, v_smem.at[c], plgpu.transpose_ref(do_chunk, (1, 0)))
 
         dp_t = _matmul(shape, v_dot)                                      # [64 keys, bq]
+        # D read only now: a broadcast row held across dV's and dP's matmuls costs registers
+        # this kernel does not have (ptxas: 188 -> 88 bytes of spill stores at V3's shapes).
+        delta = _cols(_col_vector(vec_ring.at[slot, 1]), shape)
         ds16 = (p_t * (dp_t - delta)).astype(jnp.bfloat16)
 
         def ds_q(accs):

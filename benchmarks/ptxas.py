@@ -1,7 +1,7 @@
 """Our Mosaic GPU kernels compiled for sm_90a on a machine without a GPU: registers and spills.
 
-    PYTHONPATH=. python -m benchmarks.ptxas              # every GPU-suite entry at its GPU shapes
-    PYTHONPATH=. python -m benchmarks.ptxas --only mla   # entries whose name contains "mla"
+    PYTHONPATH=. python -m benchmarks.ptxas              # every GPU-suite entry; BENCHMARKS.md
+    PYTHONPATH=. python -m benchmarks.ptxas --only mla --no-write   # entries naming "mla", printed
 
 The interpreter and `jax.export(platforms=["cuda"])` stop at Mosaic GPU's MLIR; the rest of the
 way (NVVM, LLVM's NVPTX backend, ptxas) runs on the GPU machine, at the first call. This runs that
@@ -110,7 +110,11 @@ def plugin_library() -> pathlib.Path:
         unpacked = pathlib.Path(tmp) / "unpacked"
         with zipfile.ZipFile(wheels[0]) as whl:
             whl.extractall(unpacked)
-        unpacked.rename(target)           # whole or not at all: a killed download leaves no half
+        try:
+            unpacked.rename(target)       # whole or not at all: a killed download leaves no half
+        except OSError:                   # another process (a pytest worker) got there first
+            if not so.exists():
+                raise
     return so
 
 
@@ -123,11 +127,11 @@ def fake_libcuda() -> pathlib.Path:
     if cc is None:
         raise Unavailable("no C compiler (cc/gcc) to build the stand-in libcuda")
     directory.mkdir(parents=True, exist_ok=True)
-    source = directory / "libcuda.c"
-    source.write_text(FAKE_LIBCUDA)
-    tmp = directory / "libcuda.so.1.tmp"
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp), str(source)], check=True)
-    tmp.replace(lib)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:   # private files: workers may race
+        source, built = pathlib.Path(tmp) / "libcuda.c", pathlib.Path(tmp) / "libcuda.so.1"
+        source.write_text(FAKE_LIBCUDA)
+        subprocess.run([cc, "-shared", "-fPIC", "-o", str(built), str(source)], check=True)
+        built.replace(lib)
     return directory
 
 
@@ -193,20 +197,24 @@ def parse_ptxas(text: str) -> KernelReport:
                         spill_loads=int(frame.group(3)), ptxas=text.strip())
 
 
-def compile_modules(modules: list[bytes], timeout: float = 1800) -> list[KernelReport]:
+def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "") -> list[KernelReport]:
     """Each serialized Mosaic GPU module (as the lowering embeds it) through the plugin's pipeline
-    and ptxas for sm_90a, in one child process; one report per module, in order."""
+    and ptxas for sm_90a, in one child process; one report per module, in order. keep: a directory
+    to leave Mosaic's dumps in (d<i>/: the MLIR after each pass, PTX, ptxas's report, and SASS
+    where the CUDA root has nvdisasm)."""
     if not modules:
         return []
     so, root, libcuda = plugin_library(), cuda_root(), fake_libcuda()
     offsets = symbol_values(so, [COMPILE, ENSURE_NVPTX])
     compile_off, ensure_off = offsets[COMPILE], offsets[ENSURE_NVPTX]
-    with tempfile.TemporaryDirectory(prefix="orcinus-ptxas-") as tmp:
+    if keep:
+        pathlib.Path(keep).mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="orcinus-ptxas-")) as tmp:
         jobs = []
         for i, module in enumerate(modules):
             path, dump = pathlib.Path(tmp) / f"m{i}.mlirbc", pathlib.Path(tmp) / f"d{i}"
             path.write_bytes(module)
-            dump.mkdir()
+            dump.mkdir(exist_ok=True)
             jobs.append(dict(module=str(path), dump=str(dump)))
         (pathlib.Path(tmp) / "jobs.json").write_text(json.dumps(jobs))
         env = dict(os.environ, MOSAIC_GPU_CUDA_ROOT=root,
@@ -271,9 +279,11 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help="entries whose name contains this text")
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--keep", default="", help="leave Mosaic's dumps (PTX, ptxas report, SASS) here")
+    p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = p.parse_args(argv)
     from benchmarks import registry
-    from benchmarks.report import table
+    from benchmarks.report import publish, table
 
     per_entry: list[tuple[str, list[bytes]]] = []
     with gpu_dispatch():
@@ -283,7 +293,7 @@ def main(argv=None) -> list[dict]:
             shapes = jax.eval_shape(lambda e=entry: e.make_inputs(False))
             per_entry.append((entry.name, kernel_modules(lambda *a, e=entry: e.kernel(*a), *shapes)))
     unique = list(dict.fromkeys(m for _, modules in per_entry for m in modules))   # compiled once each
-    reports = dict(zip(unique, compile_modules(unique)))
+    reports = dict(zip(unique, compile_modules(unique, keep=args.keep)))
     rows = []
     for name, modules in per_entry:
         got = [reports[m] for m in modules]
@@ -291,10 +301,21 @@ def main(argv=None) -> list[dict]:
                          spill_stores=[r.spill_stores for r in got], spill_loads=[r.spill_loads for r in got],
                          stack=[r.stack for r in got]))
     each = lambda values: ", ".join(map(str, values)) if any(values) else "0"   # noqa: E731
-    print(table(["entry", "kernels", "registers/thread (max)", "spill stores B (each kernel)",
-                 "spill loads B (each kernel)"],
-                [[r["entry"], r["kernels"], max(r["registers"]), each(r["spill_stores"]),
-                  each(r["spill_loads"])] for r in rows]))
+    import jaxlib
+
+    from pallas_kernels import flash_mla
+    version = subprocess.run([str(pathlib.Path(cuda_root()) / "bin" / "ptxas"), "--version"],
+                             capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    body = (f"Every Mosaic GPU kernel of each GPU-suite entry at its GPU shapes, compiled on this CPU for "
+            f"sm_90a by the CUDA plugin's own pipeline (jax-cuda13-pjrt {jaxlib.__version__}) and ptxas "
+            f"({version}). Registers are per thread (168 is the cap of a 384-thread CTA; our "
+            f"warp-specialised kernels then raise the consumers to {flash_mla.CONSUMER_REGISTERS} with setmaxnreg); spills are "
+            f"bytes of local-memory stores and loads per kernel, in lowering order.\n\n"
+            + table(["entry", "kernels", "registers/thread (max)", "spill stores B (each kernel)",
+                     "spill loads B (each kernel)"],
+                    [[r["entry"], r["kernels"], max(r["registers"]), each(r["spill_stores"]),
+                      each(r["spill_loads"])] for r in rows]))
+    publish("Kernels through ptxas for sm_90a, on CPU", body, write=not args.no_write)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

@@ -18,7 +18,7 @@ Two things stand in for a GPU, in a child process (the plugin never loads into t
   XLA has registered LLVM's NVPTX target before any Mosaic kernel compiles, and
   `MosaicGpuCompile` assumes it. It is a local symbol, found in the plugin's ELF symbol table.
 
-Needs ptxas (CUDA 12.8+ for sm_90a: $MOSAIC_GPU_CUDA_ROOT, else the `ptxas` on PATH), a C compiler,
+Needs ptxas (CUDA 12 or newer: $MOSAIC_GPU_CUDA_ROOT, else the `ptxas` on PATH), a C compiler,
 and the plugin wheel (pip downloads it the first time). What ptxas reports per kernel: registers a
 thread, spill stores and loads (bytes), stack frame. A spill in a loop costs local-memory traffic
 on every step; registers decide how many CTAs an SM holds.
@@ -82,7 +82,7 @@ def cuda_root() -> str:
     if not root:
         ptxas = shutil.which("ptxas")
         if ptxas is None:
-            raise Unavailable("ptxas not found: install the CUDA toolkit (12.8 or newer) or set "
+            raise Unavailable("ptxas not found: install the CUDA toolkit (12 or newer) or set "
                               "MOSAIC_GPU_CUDA_ROOT to a directory holding bin/ptxas")
         root = str(pathlib.Path(ptxas).resolve().parent.parent)
     if not (pathlib.Path(root) / "bin" / "ptxas").exists():
@@ -268,10 +268,11 @@ def ptxas_report(fn, *args) -> list[KernelReport]:
 
 @contextlib.contextmanager
 def gpu_dispatch():
-    """Our dispatch's GPU branches while lowering here (as tests/cuda_lowering.pretend_hopper)."""
-    from pallas_kernels import fp8_gemm
-    with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
-            mock.patch.object(fp8_gemm, "on_hopper", lambda: True):
+    """Our dispatch's GPU branches while lowering here (benchmarks/registry.gpu_dispatch_patches)."""
+    from benchmarks.registry import gpu_dispatch_patches
+    with contextlib.ExitStack() as stack:
+        for obj, name, stand_in in gpu_dispatch_patches():
+            stack.enter_context(mock.patch.object(obj, name, stand_in))
         yield
 
 

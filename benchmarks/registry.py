@@ -44,6 +44,19 @@ class KernelEntry:
     quick: bool = True                                # included in --quick runs
 
 
+def gpu_dispatch_patches() -> list[tuple[Any, str, Callable]]:
+    """(object, attribute, stand-in) that make our dispatch take its GPU branches while lowering
+    on CPU: `jax.default_backend()` says "gpu" to our code (mla_attention, mla_decode and the MoE
+    experts choose on it) and the FP8 path believes it runs on Hopper (model/fp8.py, fp8_gemm's
+    *_auto). jax's own code reads its backend elsewhere, so only the choices of ours change; a
+    lowering still targets CUDA explicitly. Used by tests/cuda_lowering.pretend_hopper and by
+    benchmarks/ptxas.py, which lower the entries the way the GPU will trace them."""
+    import jax
+
+    from pallas_kernels import fp8_gemm
+    return [(jax, "default_backend", lambda: "gpu"), (fp8_gemm, "on_hopper", lambda: True)]
+
+
 _ENTRIES: dict[str, KernelEntry] = {}
 
 

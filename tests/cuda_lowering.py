@@ -178,10 +178,8 @@ def lower_for_cuda(fn, *args, **export_kwargs) -> str:
 
 
 def pretend_hopper(monkeypatch) -> None:
-    """Make our dispatch take its GPU branches while lowering on CPU: `jax.default_backend()` says
-    "gpu" to our code (mla_attention, mla_decode and the MoE experts choose on it) and the FP8 path
-    believes it runs on Hopper (model/fp8.py, fp8_gemm's *_auto). jax's own code reads its backend
-    elsewhere, so only the choices of ours change; the lowering still targets CUDA explicitly."""
-    from pallas_kernels import fp8_gemm
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(fp8_gemm, "on_hopper", lambda: True)
+    """Make our dispatch take its GPU branches while lowering on CPU (benchmarks/registry.py's
+    `gpu_dispatch_patches` says which choices and why), undone when the test ends."""
+    from benchmarks.registry import gpu_dispatch_patches
+    for obj, name, stand_in in gpu_dispatch_patches():
+        monkeypatch.setattr(obj, name, stand_in)

@@ -28,9 +28,9 @@ Known costs of this first version (not yet measured on a GPU):
   the SMEM budget (231,496 of 232,448 bytes) only with 1 KiB of reduction scratch instead of
   Pallas's default 2 KiB, and costs three barriers a pair. Page 2j's slot is handed back for
   refilling as soon as both warpgroups have multiplied its P, so page 2j + 2 loads during page
-  2j + 1's PV (both slots hold the pair, so that is the only overlap). ptxas spills 660-770
-  bytes in it (the default: 4-44; benchmarks/ptxas.py), so it likely needs fewer live values
-  before it can win. Off until a GPU run measures it;
+  2j + 1's PV (both slots hold the pair, so that is the only overlap). ptxas spills 384-444
+  bytes in it (the default: 4-52; benchmarks/ptxas.py): about 36 local loads a pair step of
+  some 1,050 instructions, loop invariants reloaded. Off until a GPU run measures it;
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel, so it saves cache memory but
@@ -206,9 +206,12 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     row maxima pass through stats_smem (barrier x_bars[1]) so both use the same m; warpgroup 0
     then writes its P to p_smem (x_bars[2]), both multiply it by their V halves of page 2j and
     sync (x_bars[3]) before warpgroup 1 writes its P there (x_bars[2]) for page 2j + 1. Each
-    sums l over its own pages; the sums are added, in one order, after the last page. An odd
-    last page runs the unpaired step, its l counted by warpgroup 0. A buffer is overwritten
-    only after a barrier that both pass after reading it.
+    sums l over its own pages; the sums are added, in one order, after the last page. Pairs
+    take full pages only: the sequence's partial last page (whose stale tail rows must be zeroed
+    in SMEM first) and an odd page left over run the unpaired step, their l counted by warpgroup
+    0. Zeroing a tail inside the pair step cost 260 of its 644 bytes of register spills (ptxas,
+    benchmarks/ptxas.py). A buffer is overwritten only after a barrier that both pass after
+    reading it.
     """
     half = D_V // 2
     wgmma_layout = plgpu.Layout.WGMMA
@@ -316,8 +319,6 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         m_new, alpha, p = softmax_step(s, s_max, m_i)
         l_i = l_i * alpha + p.sum(axis=1)
         plgpu.barrier_wait(k_bars.at[lax.rem(2 * j + 1 - wg, st.slots)])   # the other page
-        zero_tail(slot_a, 2 * j)                                        # both S are done (x_bars[1])
-        zero_tail(slot_b, 2 * j + 1)
         for owner, slot, scale in ((0, slot_a, alpha), (1, slot_b, None)):
             @pl.when(wg == owner)
             def _():
@@ -333,8 +334,10 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         plgpu.barrier_arrive(consumed_bars.at[slot_b])
         return o_acc, m_new, l_i
 
-    carry = lax.fori_loop(0, steps // 2, pair_step, (o_acc, m_i, l_i))
-    o_acc, m_i, l_i = lax.fori_loop(steps // 2 * 2, steps, page_step, carry)
+    partial = ((first + steps) * PAGE > seqlen).astype(jnp.int32)   # the split ends mid-page
+    pairs = (steps - partial) // 2
+    carry = lax.fori_loop(0, pairs, pair_step, (o_acc, m_i, l_i))
+    o_acc, m_i, l_i = lax.fori_loop(2 * pairs, steps, page_step, carry)
     stats_smem.at[wg][...] = l_i                                        # l over both warpgroups' pages
     sync(1)
     return o_acc, m_i, _row_vector(stats_smem.at[0]) + _row_vector(stats_smem.at[1])

@@ -92,6 +92,8 @@ def test_kernels_compile_for_sm90a_within_their_spill_budgets(toolchain, monkeyp
         # 2 x 64 x 256 f32 O accumulators: 128 of the consumers' 240 registers a thread.
         ("flash_mla s_q=1", *_flash_mla(1), [4]),
         ("flash_mla s_q=2 causal", *_flash_mla(2), [44]),
+        # pages in pairs also holds the row statistics and P exchanged between the warpgroups
+        ("flash_mla s_q=2 causal pair_pages", *_flash_mla(2, pair_pages=True), [444]),
         # forward, dQ, dK/dV: dK and dV (64 x 192 and 64 x 128 f32) hold 160 registers a thread.
         ("mla_attention forward + backward", *_mla_attention_grad(), [0, 0, 88]),
         ("fp8_gemm_nt block_m=64", *_fp8_gemm(64), [0]),

@@ -334,7 +334,9 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         plgpu.barrier_arrive(consumed_bars.at[slot_b])
         return o_acc, m_new, l_i
 
-    partial = ((first + steps) * PAGE > seqlen).astype(jnp.int32)   # the split ends mid-page
+    # 1 if the split ends mid-page (0 for an empty split: one past the last page also "ends"
+    # past seqlen, and pairs = -1 would run the unpaired step on pages -2 and -1)
+    partial = jnp.minimum(((first + steps) * PAGE > seqlen).astype(jnp.int32), steps)
     pairs = (steps - partial) // 2
     carry = lax.fori_loop(0, pairs, pair_step, (o_acc, m_i, l_i))
     o_acc, m_i, l_i = lax.fori_loop(2 * pairs, steps, page_step, carry)

@@ -39,9 +39,9 @@ CASES = [
     # (which runs unpaired) and a sequence of whole pages only (128), s_q = 2 causal
     Case("pairs_varlen_empty_sq1_h16", (300, 0, 37, 128), s_q=1, h_q=16, causal=False, num_sm_parts=6,
          pairs=True),
-    # two splits a sequence: 200 pairs its first two (full) pages in one split, and its last
-    # split ends mid-page
-    Case("pairs_causal_sq2_h64", (65, 200), s_q=2, h_q=64, causal=True, num_sm_parts=8, pairs=True),
+    # three splits a sequence: 200 pairs its first two (full) pages in one split, its second
+    # split ends mid-page, its third is empty (as is 65's)
+    Case("pairs_causal_sq2_h64", (65, 200), s_q=2, h_q=64, causal=True, num_sm_parts=12, pairs=True),
     # O += P V into a fresh accumulator per chunk (the suite's A/B against the in-place default)
     Case("fresh_acc_causal_sq2_h16", (130, 0, 70), s_q=2, h_q=16, causal=True, num_sm_parts=4,
          in_place=False),

@@ -234,7 +234,8 @@ def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "")
 
 @contextlib.contextmanager
 def recorded_modules():
-    """Collect the serialized Mosaic GPU modules lowered inside the block (a list, in order)."""
+    """Collect the serialized Mosaic GPU modules lowered inside the block: each distinct module
+    once, in the order first lowered (jax's lowering rule adds a module only when it is new)."""
     from jax.experimental.mosaic.gpu import core
 
     class Recorder(dict):

@@ -68,10 +68,21 @@ class KernelReport:
     spill_loads: int       # bytes
     stack: int             # bytes of stack frame
     ptxas: str             # ptxas -v's text, whole
+    loops: tuple = ()      # LoopSpills of each innermost loop that issues wgmma, with sass=True
 
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpills:
+    """One innermost loop of the SASS that issues wgmma (a kernel's main loop): its size and the
+    local-memory spill instructions it runs every iteration."""
+    instructions: int
+    gmma: int              # wgmma instructions (HGMMA, QGMMA ...)
+    stores: int            # STL instructions
+    loads: int             # LDL instructions
 
 
 # ----------------------------------------------------------------------------- prerequisites
@@ -133,6 +144,90 @@ def fake_libcuda() -> pathlib.Path:
         subprocess.run([cc, "-shared", "-fPIC", "-o", str(built), str(source)], check=True)
         built.replace(lib)
     return directory
+
+
+def nvdisasm() -> pathlib.Path:
+    """The CUDA root's nvdisasm, else the one of the `nvidia-cuda-nvdisasm` wheel (downloaded once)."""
+    own = pathlib.Path(cuda_root()) / "bin" / "nvdisasm"
+    if own.exists():
+        return own
+    target = CACHE / "nvdisasm"
+    found = sorted(target.glob("nvidia/*/bin/nvdisasm"))
+    if found:
+        return found[-1]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                              "nvidia-cuda-nvdisasm"], capture_output=True, text=True)
+        wheels = list(pathlib.Path(tmp).glob("nvidia_cuda_nvdisasm-*.whl"))
+        if got.returncode or not wheels:
+            raise Unavailable("no nvdisasm in the CUDA root and pip could not download nvidia-cuda-nvdisasm")
+        unpacked = pathlib.Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as whl:
+            whl.extractall(unpacked)
+        for tool in unpacked.glob("nvidia/*/bin/nvdisasm"):
+            tool.chmod(0o755)
+        try:
+            unpacked.rename(target)
+        except OSError:                   # another process got there first
+            pass
+    found = sorted(target.glob("nvidia/*/bin/nvdisasm"))
+    if not found:
+        raise Unavailable("the nvidia-cuda-nvdisasm wheel holds no nvidia/*/bin/nvdisasm")
+    return found[-1]
+
+
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+
+
+def _is_gmma(op: str) -> bool:
+    """A wgmma in SASS: HGMMA (f16/bf16), QGMMA (fp8), IGMMA (int8), BGMMA (binary)."""
+    return op.split(".")[0] in ("HGMMA", "QGMMA", "IGMMA", "BGMMA")
+
+
+def hot_loops(sass: str) -> list[LoopSpills]:
+    """The innermost loops that issue wgmma (*GMMA): ranges [target, branch] of backward branches
+    that hold one and no smaller such range (barrier retry loops hold none; the loops around
+    the main loop hold it). Branches past the function's last unconditional EXIT are ptxas's
+    out-of-line blocks (a barrier wait's retry path jumping back into the code), not loops."""
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        if m := _SASS_LABEL.match(line):
+            pending.append(m.group(1))
+        elif m := _SASS_INSTRUCTION.search(line):
+            address = int(m.group(1), 16)
+            labels.update((label, address) for label in pending)
+            pending = []
+            words = [w for w in m.group(2).split() if not w.startswith("@")]
+            instructions.append((address, words[0] if words else "", m.group(2)))
+    end = max((a for a, op, text in instructions if op == "EXIT" and text.startswith("EXIT")), default=None)
+    ranges = set()
+    for address, _, text in instructions:
+        if end is not None and address > end:
+            break
+        if (b := _SASS_BRANCH.search(text)) and labels.get(b.group(1), address + 1) <= address:
+            ranges.add((labels[b.group(1)], address))
+    body = {r: [op for a, op, _ in instructions if r[0] <= a <= r[1]] for r in ranges}
+    hot = [r for r in ranges if any(_is_gmma(op) for op in body[r])]
+    innermost = [r for r in hot if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in hot)]
+    return [LoopSpills(instructions=len(body[r]), gmma=sum(_is_gmma(op) for op in body[r]),
+                       stores=sum(op.startswith("STL") for op in body[r]),
+                       loads=sum(op.startswith("LDL") for op in body[r])) for r in sorted(innermost)]
+
+
+def _loops_of(ptx: pathlib.Path, report: KernelReport) -> tuple:
+    """Assemble Mosaic's PTX again with ptxas (the same spills, checked), disassemble, find the loops."""
+    cubin = ptx.with_suffix(".cubin")
+    again = subprocess.run([str(pathlib.Path(cuda_root()) / "bin" / "ptxas"), "-arch=sm_90a", "-v",
+                            str(ptx), "-o", str(cubin)], capture_output=True, text=True, check=True)
+    frame = _PTXAS_FRAME.search(again.stdout + again.stderr)
+    if not frame or (int(frame.group(2)), int(frame.group(3))) != (report.spill_stores, report.spill_loads):
+        raise RuntimeError(f"ptxas on the dumped PTX differs from Mosaic's own report:\n{again.stderr}")
+    sass = subprocess.run([str(nvdisasm()), "-c", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    return tuple(hot_loops(sass))
 
 
 def symbol_values(so: pathlib.Path, names: list[str]) -> dict[str, int]:
@@ -197,11 +292,13 @@ def parse_ptxas(text: str) -> KernelReport:
                         spill_loads=int(frame.group(3)), ptxas=text.strip())
 
 
-def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "") -> list[KernelReport]:
+def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "",
+                    sass: bool = False) -> list[KernelReport]:
     """Each serialized Mosaic GPU module (as the lowering embeds it) through the plugin's pipeline
     and ptxas for sm_90a, in one child process; one report per module, in order. keep: a directory
     to leave Mosaic's dumps in (d<i>/: the MLIR after each pass, PTX, ptxas's report, and SASS
-    where the CUDA root has nvdisasm)."""
+    where the CUDA root has nvdisasm). sass: also disassemble each kernel and report the spill
+    instructions of its main loops (`KernelReport.loops`)."""
     if not modules:
         return []
     so, root, libcuda = plugin_library(), cuda_root(), fake_libcuda()
@@ -228,7 +325,11 @@ def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "")
             if len(found) != 1:
                 raise RuntimeError(f"module {i}: no ptxas report (the pipeline failed before ptxas); "
                                    f"child exit {child.returncode}:\n{child.stderr[-3000:]}")
-            reports.append(parse_ptxas(found[0].read_text()))
+            report = parse_ptxas(found[0].read_text())
+            if sass:
+                (ptx,) = pathlib.Path(job["dump"]).glob("*.ptx")
+                report = dataclasses.replace(report, loops=_loops_of(ptx, report))
+            reports.append(report)
         return reports
 
 
@@ -283,6 +384,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--keep", default="", help="leave Mosaic's dumps (PTX, ptxas report, SASS) here")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    p.add_argument("--no-sass", action="store_true",
+                   help="skip the disassembly (the main loops' spill instructions; needs nvdisasm)")
     args = p.parse_args(argv)
     from benchmarks import registry
     from benchmarks.report import publish, table
@@ -295,14 +398,21 @@ def main(argv=None) -> list[dict]:
             shapes = jax.eval_shape(lambda e=entry: e.make_inputs(False))
             per_entry.append((entry.name, kernel_modules(lambda *a, e=entry: e.kernel(*a), *shapes)))
     unique = list(dict.fromkeys(m for _, modules in per_entry for m in modules))   # compiled once each
-    reports = dict(zip(unique, compile_modules(unique, keep=args.keep)))
+    reports = dict(zip(unique, compile_modules(unique, keep=args.keep, sass=not args.no_sass)))
     rows = []
     for name, modules in per_entry:
         got = [reports[m] for m in modules]
         rows.append(dict(entry=name, kernels=len(got), registers=[r.registers for r in got],
                          spill_stores=[r.spill_stores for r in got], spill_loads=[r.spill_loads for r in got],
-                         stack=[r.stack for r in got]))
+                         stack=[r.stack for r in got],
+                         loops=[[dataclasses.asdict(loop) for loop in r.loops] for r in got]))
     each = lambda values: ", ".join(map(str, values)) if any(values) else "0"   # noqa: E731
+
+    def in_loops(kernels):        # per kernel, per main loop: "stores+loads/instructions"
+        if not any(loop["stores"] or loop["loads"] for loops in kernels for loop in loops):
+            return "0"
+        return ", ".join(" & ".join(f"{loop['stores']}+{loop['loads']}/{loop['instructions']}"
+                                    for loop in loops) or "-" for loops in kernels)
     import jaxlib
 
     from pallas_kernels import flash_mla
@@ -312,11 +422,15 @@ def main(argv=None) -> list[dict]:
             f"sm_90a by the CUDA plugin's own pipeline (jax-cuda13-pjrt {jaxlib.__version__}) and ptxas "
             f"({version}). Registers are per thread (168 is the cap of a 384-thread CTA; our "
             f"warp-specialised kernels then raise the consumers to {flash_mla.CONSUMER_REGISTERS} with setmaxnreg); spills are "
-            f"bytes of local-memory stores and loads per kernel, in lowering order.\n\n"
+            f"bytes of local-memory stores and loads per kernel, in lowering order. The last column, "
+            f"from the SASS (nvdisasm), counts the spill instructions each main loop (an innermost "
+            f"loop that issues wgmma) runs every iteration: local stores + loads / instructions in "
+            f"the loop, per kernel.\n\n"
             + table(["entry", "kernels", "registers/thread (max)", "spill stores B (each kernel)",
-                     "spill loads B (each kernel)"],
+                     "spill loads B (each kernel)", "main-loop spill instructions (each kernel)"],
                     [[r["entry"], r["kernels"], max(r["registers"]), each(r["spill_stores"]),
-                      each(r["spill_loads"])] for r in rows]))
+                      each(r["spill_loads"]), in_loops(r["loops"]) if not args.no_sass else "-"]
+                     for r in rows]))
     publish("Kernels through ptxas for sm_90a, on CPU", body, write=not args.no_write)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -101,31 +101,41 @@ def cuda_root() -> str:
     return root
 
 
-def plugin_library() -> pathlib.Path:
-    """xla_cuda_plugin.so of the CUDA 13 PJRT plugin matching this jaxlib, unpacked into the cache
-    (downloaded with pip the first time; it is not installed, so jax never sees it)."""
-    import jaxlib
-    version = jaxlib.__version__
-    target = CACHE / f"jax_cuda13_pjrt-{version}"
-    so = target / "jax_plugins" / "xla_cuda13" / "xla_cuda_plugin.so"
-    if so.exists():
-        return so
+def _unpacked_wheel(requirement: str, name: str) -> pathlib.Path:
+    """CACHE/name: the wheel `requirement` downloaded with pip (no dependencies) and unpacked, the
+    first time; never installed. Whole or not at all: it is unpacked aside and renamed into place,
+    so a killed download leaves no half, and a process that loses the race uses the winner's."""
+    target = CACHE / name
+    if target.exists():
+        return target
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                              f"jax-cuda13-pjrt=={version}"], capture_output=True, text=True)
-        wheels = list(pathlib.Path(tmp).glob("jax_cuda13_pjrt-*.whl"))
+                              requirement], capture_output=True, text=True)
+        wheels = list(pathlib.Path(tmp).glob("*.whl"))
         if got.returncode or not wheels:
-            raise Unavailable(f"pip could not download jax-cuda13-pjrt=={version}: "
+            raise Unavailable(f"pip could not download {requirement}: "
                               f"{(got.stderr or got.stdout).strip().splitlines()[-1:]}")
         unpacked = pathlib.Path(tmp) / "unpacked"
         with zipfile.ZipFile(wheels[0]) as whl:
             whl.extractall(unpacked)
         try:
-            unpacked.rename(target)       # whole or not at all: a killed download leaves no half
+            unpacked.rename(target)
         except OSError:                   # another process (a pytest worker) got there first
-            if not so.exists():
+            if not target.exists():
                 raise
+    return target
+
+
+def plugin_library() -> pathlib.Path:
+    """xla_cuda_plugin.so of the CUDA 13 PJRT plugin matching this jaxlib (it is not installed, so
+    jax never sees it)."""
+    import jaxlib
+    version = jaxlib.__version__
+    so = (_unpacked_wheel(f"jax-cuda13-pjrt=={version}", f"jax_cuda13_pjrt-{version}")
+          / "jax_plugins" / "xla_cuda13" / "xla_cuda_plugin.so")
+    if not so.exists():
+        raise Unavailable(f"the jax-cuda13-pjrt {version} wheel holds no {so.name}")
     return so
 
 
@@ -147,33 +157,14 @@ def fake_libcuda() -> pathlib.Path:
 
 
 def nvdisasm() -> pathlib.Path:
-    """The CUDA root's nvdisasm, else the one of the `nvidia-cuda-nvdisasm` wheel (downloaded once)."""
+    """The CUDA root's nvdisasm, else the one of the `nvidia-cuda-nvdisasm` wheel."""
     own = pathlib.Path(cuda_root()) / "bin" / "nvdisasm"
     if own.exists():
         return own
-    target = CACHE / "nvdisasm"
-    found = sorted(target.glob("nvidia/*/bin/nvdisasm"))
-    if found:
-        return found[-1]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                              "nvidia-cuda-nvdisasm"], capture_output=True, text=True)
-        wheels = list(pathlib.Path(tmp).glob("nvidia_cuda_nvdisasm-*.whl"))
-        if got.returncode or not wheels:
-            raise Unavailable("no nvdisasm in the CUDA root and pip could not download nvidia-cuda-nvdisasm")
-        unpacked = pathlib.Path(tmp) / "unpacked"
-        with zipfile.ZipFile(wheels[0]) as whl:
-            whl.extractall(unpacked)
-        for tool in unpacked.glob("nvidia/*/bin/nvdisasm"):
-            tool.chmod(0o755)
-        try:
-            unpacked.rename(target)
-        except OSError:                   # another process got there first
-            pass
-    found = sorted(target.glob("nvidia/*/bin/nvdisasm"))
+    found = sorted(_unpacked_wheel("nvidia-cuda-nvdisasm", "nvdisasm").glob("nvidia/*/bin/nvdisasm"))
     if not found:
         raise Unavailable("the nvidia-cuda-nvdisasm wheel holds no nvidia/*/bin/nvdisasm")
+    found[-1].chmod(0o755)                # zip members lose their mode
     return found[-1]
 
 

@@ -153,9 +153,14 @@ def _matmul(shape, issue):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def _accumulate(accs, issue):
-    """accs (fp32 [64, 64] chunks) + the products `issue(acc_refs)` adds (wgmma calls), in place:
-    the wgmmas issue back to back and are awaited once, when run_state returns."""
+def _accumulate(accs, lhs, tile):
+    """accs (fp32 [64, 64] chunks) + lhs @ tile, chunk c of the product into accs[c], in place:
+    lhs [64, rows] in registers, tile an SMEM ref [rows, C * 64]. The C wgmmas issue back to back
+    and are awaited once, when run_state returns."""
+    def issue(acc_refs):
+        for c, acc in enumerate(acc_refs):
+            plgpu.wgmma(acc, lhs, tile.at[:, pl.ds(c * CHUNK, CHUNK)])              # [rows, 64]
+
     return pl.run_state(issue)(tuple(plgpu.ACC.init(a) for a in accs))
 
 
@@ -332,12 +337,7 @@ def _fwd_consume(st, cq, cv, wg, t0, lo, hi, q_smem, q_seg, k_smem, v_smem, kseg
         plgpu.barrier_arrive(schedule.at[0])                    # softmax done
         plgpu.barrier_wait(v_bars.at[slot])
         plgpu.barrier_wait(schedule.at[0])                      # tensor cores are ours
-
-        def pv(accs):
-            for c, acc in enumerate(accs):
-                plgpu.wgmma(acc, p16, v_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bk, 64]
-
-        o = _accumulate(tuple(o_c * _rows(alpha, o_c.shape) for o_c in o), pv)
+        o = _accumulate(tuple(o_c * _rows(alpha, o_c.shape) for o_c in o), p16, v_smem.at[slot])
         plgpu.barrier_arrive(v_consumed.at[slot])
         return o, m_new, l_i
 
@@ -469,12 +469,7 @@ def _dq_consume(st, cq, cv, t0, lo, hi, q_smem, do_smem, lse, delta, q_seg, k_sm
 
         dp = _matmul(shape, do_vt)                                       # [64, bk]
         ds16 = (p * (dp - _rows(delta, shape))).astype(jnp.bfloat16)
-
-        def ds_k(accs):
-            for c, acc in enumerate(accs):
-                plgpu.wgmma(acc, ds16, k_smem.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bk, 64]
-
-        dq = _accumulate(dq, ds_k)
+        dq = _accumulate(dq, ds16, k_smem.at[slot])
         plgpu.barrier_arrive(consumed.at[slot])
         return dq
 
@@ -589,12 +584,7 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
         p_t = jnp.exp2(s_t - _cols(_col_vector(vec_ring.at[slot, 0]), shape))     # lse2
         p16 = p_t.astype(jnp.bfloat16)
         plgpu.barrier_wait(do_bars.at[slot])
-
-        def p_do(accs):
-            for c, acc in enumerate(accs):
-                plgpu.wgmma(acc, p16, do_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bq, 64]
-
-        dv = _accumulate(dv, p_do)
+        dv = _accumulate(dv, p16, do_ring.at[slot])
 
         def v_dot(acc):
             for c in range(cv):
@@ -606,12 +596,7 @@ def _dkv_consume(st, cq, cv, t0, lo, hi, k_smem, v_smem, kv_seg, q_ring, do_ring
         # this kernel does not have (ptxas: 188 -> 88 bytes of spill stores at V3's shapes).
         delta = _cols(_col_vector(vec_ring.at[slot, 1]), shape)
         ds16 = (p_t * (dp_t - delta)).astype(jnp.bfloat16)
-
-        def ds_q(accs):
-            for c, acc in enumerate(accs):
-                plgpu.wgmma(acc, ds16, q_ring.at[slot, :, pl.ds(c * CHUNK, CHUNK)])  # [bq, 64]
-
-        dk = _accumulate(dk, ds_q)
+        dk = _accumulate(dk, ds16, q_ring.at[slot])
         plgpu.barrier_arrive(consumed.at[slot])
         return dk, dv
 

@@ -208,15 +208,16 @@ def hot_loops(sass: str) -> list[LoopSpills]:
                        loads=sum(op.startswith("LDL") for op in body[r])) for r in sorted(innermost)]
 
 
-def _loops_of(ptx: pathlib.Path, report: KernelReport) -> tuple:
-    """Assemble Mosaic's PTX again with ptxas (the same spills, checked), disassemble, find the loops."""
+def _loops_of(ptx: pathlib.Path, report: KernelReport, root: str, disassembler: pathlib.Path) -> tuple:
+    """Assemble Mosaic's PTX again with root's ptxas (the same spills, checked), disassemble, find
+    the loops."""
     cubin = ptx.with_suffix(".cubin")
-    again = subprocess.run([str(pathlib.Path(cuda_root()) / "bin" / "ptxas"), "-arch=sm_90a", "-v",
+    again = subprocess.run([str(pathlib.Path(root) / "bin" / "ptxas"), "-arch=sm_90a", "-v",
                             str(ptx), "-o", str(cubin)], capture_output=True, text=True, check=True)
     frame = _PTXAS_FRAME.search(again.stdout + again.stderr)
     if not frame or (int(frame.group(2)), int(frame.group(3))) != (report.spill_stores, report.spill_loads):
         raise RuntimeError(f"ptxas on the dumped PTX differs from Mosaic's own report:\n{again.stderr}")
-    sass = subprocess.run([str(nvdisasm()), "-c", str(cubin)], capture_output=True, text=True,
+    sass = subprocess.run([str(disassembler), "-c", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
     return tuple(hot_loops(sass))
 
@@ -293,6 +294,7 @@ def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "",
     if not modules:
         return []
     so, root, libcuda = plugin_library(), cuda_root(), fake_libcuda()
+    disassembler = nvdisasm() if sass else None
     offsets = symbol_values(so, [COMPILE, ENSURE_NVPTX])
     compile_off, ensure_off = offsets[COMPILE], offsets[ENSURE_NVPTX]
     if keep:
@@ -319,7 +321,7 @@ def compile_modules(modules: list[bytes], timeout: float = 1800, keep: str = "",
             report = parse_ptxas(found[0].read_text())
             if sass:
                 (ptx,) = pathlib.Path(job["dump"]).glob("*.ptx")
-                report = dataclasses.replace(report, loops=_loops_of(ptx, report))
+                report = dataclasses.replace(report, loops=_loops_of(ptx, report, root, disassembler))
             reports.append(report)
         return reports
 

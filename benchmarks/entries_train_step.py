@@ -89,4 +89,5 @@ register(KernelEntry(
     make_inputs=_make_inputs, kernel=_kernel, reference=_reference, error=_error,
     tolerance=0.01, flops=_flops, bytes=_bytes, baselines={"bf16_step": jax.jit(_reference)},
     bound="compute", peak="bf16", quick=True,
+    limit_s=300.0,       # two 1.4 B-parameter steps to compile, one with 93 Mosaic kernels
 ))

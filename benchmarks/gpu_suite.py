@@ -3,6 +3,8 @@
     PYTHONPATH=. python -m benchmarks.gpu_suite            # on the GPU: ceilings, every entry, table
     PYTHONPATH=. python -m benchmarks.gpu_suite --quick    # fewer shapes, fewer repetitions
     PYTHONPATH=. python -m benchmarks.gpu_suite --dry-run  # CPU: tiny shapes, kernels interpreted
+    PYTHONPATH=. python -m benchmarks.gpu_suite --watchdog 150 --state /tmp/s.json   # a hang costs one entry
+    PYTHONPATH=. python -m benchmarks.gpu_suite --resume /tmp/s.json   # later: the entries not yet run
 
 1. Ceilings, measured through XLA: device-to-device copy GB/s, large bf16 and fp8 matmul TFLOP/s.
 2. Every registered kernel entry (benchmarks/registry.py): correctness of the kernel compiled on
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +37,8 @@ from benchmarks import registry
 from benchmarks.report import publish, table
 
 BUDGET_S = 8 * 60
+SKIPPED = "skipped: time budget spent"
+STARTUP_S = 180.0                   # --watchdog: a child's limit before its first entry (imports, ceilings)
 
 
 @dataclasses.dataclass
@@ -192,16 +197,32 @@ def _clock_text() -> str:
         frozenset(CLOCKS), f"{device} where the trace had it, else {wall}")
 
 
+def _save_state(path: str, rows, ceilings, elapsed: float, current: str | None = None,
+                limit: float | None = None, device: str | None = None) -> None:
+    """The run so far (rows, ceilings, seconds spent), and the entry running now with its watchdog
+    limit, replaced whole (temp + rename): what --resume continues from."""
+    tmp = pathlib.Path(path + ".tmp")
+    tmp.write_text(json.dumps(dict(rows=rows, ceilings=dataclasses.asdict(ceilings), elapsed=elapsed,
+                                   current=current, limit=limit, device=device or _device_text()),
+                              default=str))
+    tmp.replace(path)
+
+
+def _without(args: list[str], flag: str, has_value: bool = True) -> list[str]:
+    args = list(args)
+    while flag in args:
+        i = args.index(flag)
+        del args[i:i + 1 + has_value]
+    return args
+
+
 def _reexec(argv, rows, ceilings, elapsed):
     """A CUDA fault (misaligned address, illegal instruction ...) poisons this process's CUDA
     context: every later launch fails. Save the rows so far and run the rest in a fresh process."""
     fd, path = tempfile.mkstemp(prefix="gpu_suite_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(rows=rows, ceilings=dataclasses.asdict(ceilings), elapsed=elapsed), f, default=str)
-    args = [a for a in (sys.argv[1:] if argv is None else argv)]
-    if "--resume" in args:
-        i = args.index("--resume")
-        del args[i:i + 2]
+    os.close(fd)
+    _save_state(path, rows, ceilings, elapsed)
+    args = _without(sys.argv[1:] if argv is None else argv, "--resume")
     print(f"CUDA fault: continuing in a fresh process ({path})", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -218,7 +239,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--list", action="store_true", help="print the entry names and stop")
     p.add_argument("--budget", type=float, default=BUDGET_S,
                    help="seconds after which the remaining entries are skipped (default 480)")
-    p.add_argument("--resume", default="", help=argparse.SUPPRESS)  # state file after a CUDA fault
+    p.add_argument("--state", default="", help="write the run's state here before and after each entry")
+    p.add_argument("--resume", default="",
+                   help="continue the run saved in this state file: its rows, ceilings and clock are kept, "
+                        "entries skipped for the budget run now (the budget counts from the first run's start)")
+    p.add_argument("--watchdog", type=float, default=0.0,
+                   help="run the entries in a child process; one with no result after this many seconds (or "
+                        "its own limit_s) is killed, recorded as TIMEOUT, and the rest go on in a fresh one")
+    p.add_argument("--entry-limit", type=float, default=0.0, help=argparse.SUPPRESS)  # set by --watchdog
     p.add_argument("--out", default="", help="also write the table (suite.md) and rows (suite.json) here")
     args = p.parse_args(argv)
     dry = args.dry_run
@@ -227,12 +255,15 @@ def main(argv=None) -> list[dict]:
     if args.list:
         print("\n".join(e.name for e in sorted(registry.entries(), key=lambda e: not e.baselines)))
         return []
+    if args.watchdog > 0:
+        return _supervise(sys.argv[1:] if argv is None else argv, args)
     repeat = 3 if (args.quick or dry) else 10
     start = time.perf_counter()
     rows, seen, done = [], set(), set()
     if args.resume:     # re-executed after a CUDA fault: keep the rows, ceilings and clock so far
         state = json.loads(pathlib.Path(args.resume).read_text())
-        rows, ceilings = state["rows"], Ceilings(**state["ceilings"])
+        rows = [r for r in state["rows"] if not r.get("note", "").startswith(SKIPPED)]
+        ceilings = Ceilings(**state["ceilings"])
         done = {r["name"] for r in rows}
         start -= state["elapsed"]
     else:
@@ -253,9 +284,14 @@ def main(argv=None) -> list[dict]:
         if entry.name in done:
             continue
         if time.perf_counter() - start > args.budget:
-            rows.append(dict(name=entry.name, ok=False, note="skipped: time budget spent"))
+            rows.append(dict(name=entry.name, ok=False, note=SKIPPED))
             continue
+        if args.state:
+            _save_state(args.state, rows, ceilings, time.perf_counter() - start, entry.name,
+                        entry.limit_s or args.entry_limit)
         rows.append(run_entry(entry, ceilings, dry, repeat))
+        if args.state:
+            _save_state(args.state, rows, ceilings, time.perf_counter() - start)
         r = rows[-1]
         print(f"{r['name']}: {'ok' if r['ok'] else 'FAIL'} err={r['error']:.2e} {r['kernel_ms']:.3g} ms "
               f"{r['tflops']:.4g} TFLOP/s {r['gbs']:.4g} GB/s {r['roof'] * 100:.3g}% x{r['vs_xla']:.3g} "
@@ -264,11 +300,68 @@ def main(argv=None) -> list[dict]:
             _write_out(args.out, _body(rows, ceilings, time.perf_counter() - start), rows)
         if not dry and "CUDA_ERROR" in r["note"]:
             _reexec(argv, rows, ceilings, time.perf_counter() - start)
+    if args.state:
+        _save_state(args.state, rows, ceilings, time.perf_counter() - start)
     body = _body(rows, ceilings, time.perf_counter() - start)
     publish("GPU suite" + (" (dry run)" if dry else ""), body, write=not (args.no_write or dry))
     if args.out:
         _write_out(args.out, body, rows)
     return rows
+
+
+def _supervise(argv: list[str], args) -> list[dict]:
+    """--watchdog: run the suite in child processes. A GPU kernel that deadlocks (a barrier never
+    arrived at) hangs its process for good, and with it every entry after it. The child saves its
+    state before and after each entry; when the entry running has gone past its limit, the child is
+    killed (the driver frees a context whose kernel hangs when its process dies), the entry is
+    recorded as TIMEOUT, and a fresh child resumes with the next one. A child that dies mid-entry
+    (a crash, not a Python exception) is recorded the same way."""
+    state = args.state or tempfile.mkstemp(prefix="gpu_suite_state_", suffix=".json")[1]
+    base = [sys.executable, "-m", "benchmarks.gpu_suite",
+            *_without(_without(_without(argv, "--watchdog"), "--state"), "--resume"),
+            "--state", state, "--entry-limit", str(args.watchdog)]
+    resume = args.resume
+    if not resume and os.path.exists(state):
+        os.remove(state)
+    while True:
+        proc = subprocess.Popen(base + (["--resume", resume] if resume else []))
+        started, killed = time.time(), False
+        while proc.poll() is None:
+            time.sleep(0.5)
+            saved = _read_state(state)
+            if saved is None:                               # imports, ceilings
+                limit, since = STARTUP_S, started
+            else:                                           # an entry (its limit), or between two
+                limit, since = saved.get("limit") or args.watchdog, max(started, os.path.getmtime(state))
+            if time.time() - since > limit:
+                proc.kill()
+                killed = True
+                proc.wait()
+        saved = _read_state(state)
+        if saved is not None and saved.get("current") is None and killed:
+            raise SystemExit("gpu_suite child killed between entries (past its limit)")
+        if proc.returncode == 0 or saved is None or saved.get("current") is None:
+            if proc.returncode != 0:
+                raise SystemExit(f"gpu_suite child failed (exit {proc.returncode}) outside any entry")
+            return saved["rows"] if saved else []
+        name, limit = saved["current"], saved["limit"]
+        why = (f"TIMEOUT: no result after {limit:.0f} s, killed (a hung kernel?); the suite went on in a "
+               f"fresh process" if killed else f"FAILED: its process died (exit {proc.returncode})")
+        print(f"{name}: {why}", flush=True)
+        rows = saved["rows"] + [dict(name=name, ok=False, note=why)]
+        elapsed = saved["elapsed"] + (time.time() - os.path.getmtime(state))
+        ceilings = Ceilings(**saved["ceilings"])
+        _save_state(state, rows, ceilings, elapsed, device=saved["device"])
+        if args.out:                  # the parent never touches the GPU: the child's device line
+            _write_out(args.out, _body(rows, ceilings, elapsed), rows, device=saved["device"])
+        resume = state
+
+
+def _read_state(path: str) -> dict | None:
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _body(rows: list[dict], ceilings: Ceilings, elapsed: float) -> str:
@@ -282,11 +375,15 @@ def _body(rows: list[dict], ceilings: Ceilings, elapsed: float) -> str:
                       r.get("note", "")] for r in rows]))
 
 
-def _write_out(directory: str, body: str, rows: list[dict]) -> None:
+def _device_text() -> str:
+    return f"{jax.__version__} {jax.devices()[0].device_kind}"
+
+
+def _write_out(directory: str, body: str, rows: list[dict], device: str | None = None) -> None:
     """The table (suite.md) and rows (suite.json) in `directory`, each replaced whole (temp + rename)."""
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("suite.md", f"{jax.__version__} {jax.devices()[0].device_kind}\n\n{body}\n"),
+    for name, text in (("suite.md", f"{device or _device_text()}\n\n{body}\n"),
                        ("suite.json", json.dumps(rows, indent=1, default=str))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,7 @@ class KernelEntry:
     bound: str = "compute"                            # "compute" or "memory": which ceiling applies
     peak: str = "bf16"                                # "bf16" or "fp8": which matmul ceiling applies
     quick: bool = True                                # included in --quick runs
+    limit_s: float = 0.0                              # --watchdog: seconds before it is killed (0: default)
 
 
 def gpu_dispatch_patches() -> list[tuple[Any, str, Callable]]:
@@ -70,6 +72,9 @@ def register(entry: KernelEntry) -> KernelEntry:
 
 
 def entries() -> list[KernelEntry]:
-    for module in ENTRY_MODULES:
+    """Every entry registered by ENTRY_MODULES, or by the comma-separated modules in
+    $ORCINUS_SUITE_ENTRIES instead (a user's own entries; the suite's tests)."""
+    chosen = [m for m in os.environ.get("ORCINUS_SUITE_ENTRIES", "").split(",") if m]
+    for module in chosen or ENTRY_MODULES:
         importlib.import_module(module)
     return list(_ENTRIES.values())

@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -175,3 +177,72 @@ def test_device_seconds_reads_gpu_kernel_spans_from_the_trace(monkeypatch):
     assert got == pytest.approx({"kernel": 150e-9 / 2, "xla": 300e-9 / 2})
     gpu.lines[0].events.pop()                                   # a window without a kernel: wall clock instead
     assert gpu_suite.device_seconds(calls, repeat=2) is None
+
+
+HANGING_ENTRIES = '''
+import os, time
+import jax.numpy as jnp
+import numpy as np
+from benchmarks.registry import KernelEntry, register
+
+def _entry(name, kernel, **kw):
+    register(KernelEntry(
+        name=name, make_inputs=lambda dry: (jnp.arange(8.0),), kernel=kernel, reference=lambda x: 2 * x,
+        error=lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), tolerance=1e-6,
+        flops=lambda x: x.size, bytes=lambda x: 2 * x.nbytes, bound="memory", **kw))
+
+def hang(x, interpret):
+    time.sleep(600)
+
+def crash(x, interpret):
+    os._exit(9)
+
+_entry("first", lambda x, interpret: 2 * x)
+_entry("hangs", hang, limit_s=4.0)
+_entry("crashes", crash)
+_entry("after", lambda x, interpret: x + x)
+'''
+
+
+def test_watchdog_kills_a_hung_entry_and_goes_on(monkeypatch, tmp_path):
+    """--watchdog: an entry past its limit (a deadlocked kernel hangs its process for good) is killed
+    and recorded as TIMEOUT, a process that dies mid-entry is recorded as FAILED, and fresh child
+    processes run the entries after them; $OUT and the state hold every row."""
+    (tmp_path / "hanging_entries.py").write_text(HANGING_ENTRIES)
+    monkeypatch.setenv("ORCINUS_SUITE_ENTRIES", "hanging_entries")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state, out = tmp_path / "state.json", tmp_path / "out"
+    start = time.time()
+    rows = gpu_suite.main(["--dry-run", "--no-write", "--watchdog", "120", "--state", str(state),
+                           "--out", str(out)])
+    assert time.time() - start < 90                             # the hang cost its own 4 s limit, not 120
+    by_name = {r["name"]: r for r in rows}
+    assert [r["name"] for r in rows] == ["first", "hangs", "crashes", "after"]
+    assert by_name["first"]["ok"] and by_name["after"]["ok"]
+    assert by_name["hangs"]["note"].startswith("TIMEOUT: no result after 4 s")
+    assert by_name["crashes"]["note"] == "FAILED: its process died (exit 9)"
+    assert [r["name"] for r in json.loads((out / "suite.json").read_text())] == list(by_name)
+    saved = json.loads(state.read_text())
+    assert saved["current"] is None and len(saved["rows"]) == 4
+
+
+def test_resume_runs_the_entries_the_budget_skipped(monkeypatch, tmp_path):
+    """A second call on the same machine continues a run cut short by its budget: rows measured are
+    kept, the skipped entries run now."""
+    entries = [_entry(n, lambda x, interpret: 2 * x) for n in ("a", "b", "c")]
+    monkeypatch.setattr(registry, "entries", lambda: entries)
+    monkeypatch.setattr(gpu_suite, "measure_ceilings", lambda dry, repeat: gpu_suite.Ceilings(1.0, 2.0, 3.0))
+    ran = []
+
+    def run_entry(entry, *args):
+        ran.append(entry.name)
+        time.sleep(0.2)
+        return dict(name=entry.name, ok=True, error=0.0, kernel_ms=1.0, tflops=1.0, gbs=1.0, roof=0.5,
+                    vs_xla=1.0, note="")
+    monkeypatch.setattr(gpu_suite, "run_entry", run_entry)
+    state = str(tmp_path / "state.json")
+    rows = gpu_suite.main(["--no-write", "--budget", "0.1", "--state", state])
+    assert ran == ["a"] and [r["note"] for r in rows[1:]] == [gpu_suite.SKIPPED] * 2
+    rows = gpu_suite.main(["--no-write", "--budget", "100", "--resume", state])
+    assert ran == ["a", "b", "c"] and all(r["ok"] for r in rows) and [r["name"] for r in rows] == ["a", "b", "c"]

@@ -33,8 +33,8 @@ Known costs of this first version (not yet measured on a GPU):
   some 1,050 instructions, loop invariants reloaded. Off until a GPU run measures it;
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
-- the FP8 cache is dequantised to bf16 by XLA before the kernel, so it saves cache memory but
-  not yet kernel bandwidth.
+- the FP8 cache is dequantised to bf16 by XLA before the kernel (only the pages the block table
+  names, or the pool if that is smaller), so it saves cache memory but not yet kernel bandwidth.
 """
 
 from __future__ import annotations
@@ -505,7 +505,7 @@ def flash_mla_with_kvcache(
     if softmax_scale is None:
         softmax_scale = D_QK ** -0.5
     if k_cache.dtype == jnp.uint8:
-        k_cache = dequantize_kv_cache_fp8(k_cache)
+        k_cache, block_table = _dequantized_pages(k_cache, block_table)
     if interpret:
         # Here, outside `_flash_mla`'s jit: a cached trace of `_flash_mla` skips its body, and
         # the interpreter binds whatever wgmma callback is current when it lowers.
@@ -600,6 +600,19 @@ def quantize_kv_cache_fp8(k_cache: Shaped[Array, "N P Hkv 576"]) -> Shaped[Array
     return jnp.concatenate(parts, axis=-1)
 
 
+def _dequantized_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Array, "B M"]):
+    """(bf16 pages, block table) for the kernel from an FP8 cache: the B x M pages the table names,
+    dequantised and renumbered 0 .. B*M-1, where that is fewer than the pool's N (a serving pool,
+    with every layer's pages, holds far more: dequantising all of it per call cost O(pool)); else
+    the whole pool. Table entries past a sequence's pages are clamped; the kernel never reads them."""
+    batch, width = block_table.shape
+    if batch * width >= k_fp8.shape[0]:
+        return dequantize_kv_cache_fp8(k_fp8), block_table
+    pages = jnp.clip(block_table, 0, k_fp8.shape[0] - 1).reshape(-1)
+    renumbered = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+    return dequantize_kv_cache_fp8(k_fp8[pages]), renumbered
+
+
 def dequantize_kv_cache_fp8(k_fp8: Shaped[Array, "N P Hkv 656"]) -> Float[Array, "N P Hkv 576"]:
     """uint8 [N, P, Hkv, 656] -> bf16 [N, P, Hkv, 576] (inverse of `quantize_kv_cache_fp8`)."""
     if k_fp8.dtype != jnp.uint8 or k_fp8.shape[-1] != FP8_TOKEN_BYTES:
@@ -668,15 +681,15 @@ def flash_mla_reference(
     Computes in `compute_dtype` (float64 for ground truth under jax_enable_x64); out is cast
     to q's dtype, lse stays in compute_dtype. Stale cache slots (even NaN) never leak.
     """
-    if k_cache.dtype == jnp.uint8:
-        k_cache = dequantize_kv_cache_fp8(k_cache)
     batch, s_q, h_q, d = q.shape
     _, page, h_kv, _ = k_cache.shape
     g = h_q // h_kv
     if softmax_scale is None:
         softmax_scale = d ** -0.5
-    pages = jnp.clip(block_table, 0, k_cache.shape[0] - 1)
-    kv = k_cache[pages].astype(compute_dtype)                             # [B, M, P, Hkv, D]
+    kv = k_cache[jnp.clip(block_table, 0, k_cache.shape[0] - 1)]          # [B, M, P, Hkv, Dk]
+    if kv.dtype == jnp.uint8:                      # the sequences' pages only, not the whole pool
+        kv = dequantize_kv_cache_fp8(kv)
+    kv = kv.astype(compute_dtype)                                         # [B, M, P, Hkv, D]
     kv = kv.reshape(batch, -1, h_kv, d)                                   # [B, T, Hkv, D]
     t = jnp.arange(kv.shape[1])
     limit = cache_seqlens[:, None] - (s_q - 1 - jnp.arange(s_q))[None] if causal else \

@@ -182,6 +182,34 @@ def test_fp8_round_trip():
     assert rel < 0.05, rel                                           # e4m3: 3 mantissa bits
 
 
+def _dequantised_pages(fn, *args) -> int:
+    """The most bf16 cache pages ([..., P, Hkv, 576] values) any one array in fn's jaxpr holds."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                aval = var.aval
+                if getattr(aval, "dtype", None) == jnp.bfloat16 and aval.shape[-3:] == (fm.PAGE, 1, fm.D_QK):
+                    yield aval.size // (fm.PAGE * fm.D_QK)
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+    return max(walk(jax.make_jaxpr(fn)(*args).jaxpr), default=0)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_fp8_cache_dequantises_the_sequences_pages_not_the_pool(path):
+    """A serving pool holds every layer's pages; the FP8 path dequantises only the B x M pages the
+    block table names (here 2 x 3 of a 512-page pool), so its cost does not grow with the pool."""
+    b, width, pool = 2, 3, 512
+    args = (jnp.zeros((b, 1, 16, fm.D_QK), jnp.bfloat16),
+            jnp.zeros((pool, fm.PAGE, 1, fm.FP8_TOKEN_BYTES), jnp.uint8),
+            jnp.zeros((b, width), jnp.int32), jnp.array([100, 150], jnp.int32))
+    fn = fm.flash_mla_with_kvcache if path == "kernel" else fm.flash_mla_reference
+    assert _dequantised_pages(fn, *args) == b * width
+    if path == "kernel":                       # a pool smaller than B x M: the pool, once
+        small = (args[0], args[1][: b * width - 1], *args[2:])
+        assert _dequantised_pages(fn, *small) == b * width - 1
+
+
 def test_dispatch_uses_reference_on_cpu():
     args, _, _ = make_case(CASES[0])
     out, lse = fm.mla_decode(*args)

@@ -8,6 +8,7 @@ One array holds every layer: [L * N, P, 1, W], FlashMLA's k_cache layout with th
 end to end, so layer l's block b is row l * N + b. A sequence's block table names blocks in
 [0, N); the model adds l * N per layer, and the FlashMLA kernel reads the whole array without a
 per-layer slice. The allocator hands out block ids; the same id is used in every layer.
+On CPU a bfloat16 cache is stored as its uint16 bits (`CacheSpec.bf16_bits`, see there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 from typing import Literal
 
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float, Int, Shaped
 
 from pallas_kernels import flash_mla
@@ -33,6 +35,11 @@ class CacheSpec:
     latent_dim: int          # C
     rope_dim: int            # R
     dtype: CacheDType = "bfloat16"
+    # Store a bfloat16 cache as its uint16 bits. XLA:CPU rewrites a bf16 scatter into the pool as a
+    # float32 round trip of the whole pool (convert, scatter, convert back: O(pool) per layer and
+    # token); an integer scatter updates in place. Readers view what they gather as bfloat16. The
+    # engine sets it on CPU; a GPU keeps bfloat16 (the FlashMLA kernel reads the pool directly).
+    bf16_bits: bool = False
 
     def __post_init__(self):
         if self.num_blocks <= 0:
@@ -49,7 +56,9 @@ class CacheSpec:
 
     @property
     def storage_dtype(self):
-        return jnp.uint8 if self.dtype == "fp8" else jnp.dtype(self.dtype)
+        if self.dtype == "fp8":
+            return jnp.dtype(jnp.uint8)
+        return jnp.dtype(jnp.uint16 if self.dtype == "bfloat16" and self.bf16_bits else self.dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -72,6 +81,8 @@ def write(cache: Shaped[Array, "LN P 1 W"], layer, ckv: Float[Array, "B T C"], k
     entry = jnp.where(jnp.isfinite(entry), entry, 0)
     if spec.dtype == "fp8":
         entry = flash_mla.quantize_kv_cache_fp8(entry[:, :, None].astype(jnp.bfloat16))[:, :, 0]
+    elif spec.storage_dtype == jnp.uint16:
+        entry = lax.bitcast_convert_type(entry.astype(jnp.bfloat16), jnp.uint16)
     rows = jnp.where(slots >= 0, layer * spec.num_blocks + slots // PAGE, cache.shape[0])   # past the end: dropped
     return cache.at[rows, slots % PAGE, 0].set(entry.astype(cache.dtype), mode="drop")
 
@@ -80,11 +91,26 @@ def layer_table(table: Int[Array, "B M"], layer, spec: CacheSpec) -> Int[Array, 
     return table + layer * spec.num_blocks
 
 
+def values(pages: Shaped[Array, "... P 1 W"], spec: CacheSpec) -> Shaped[Array, "... P 1 CR"]:
+    """Pages gathered from the pool as numbers: FP8 dequantised to bf16, uint16 bits viewed as bf16."""
+    if spec.dtype == "fp8":
+        return flash_mla.dequantize_kv_cache_fp8(pages)
+    if pages.dtype == jnp.uint16:
+        return lax.bitcast_convert_type(pages, jnp.bfloat16)
+    return pages
+
+
+def gathered_pool(cache: Shaped[Array, "LN P 1 W"], table: Int[Array, "B M"], spec: CacheSpec):
+    """(pages, table) for a reader of a bf16-bits pool: the B x M pages the (layer) table names, as
+    bfloat16, and the table renumbered 0 .. B*M-1 to match."""
+    b, m = table.shape
+    pages = values(cache[jnp.clip(table, 0, cache.shape[0] - 1).reshape(-1)], spec)   # [B*M, P, 1, W]
+    return pages, jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
+
+
 def gather(cache: Shaped[Array, "LN P 1 W"], layer, table: Int[Array, "B M"], spec: CacheSpec, dtype):
     """A contiguous view of each sequence's cache in `layer`: latent [B, M*P, C], rope [B, M*P, R]."""
-    pages = cache[layer_table(table, layer, spec)]                             # [B, M, P, 1, W]
-    if spec.dtype == "fp8":
-        pages = flash_mla.dequantize_kv_cache_fp8(pages)
+    pages = values(cache[layer_table(table, layer, spec)], spec)               # [B, M, P, 1, C+R]
     flat = pages.reshape(table.shape[0], -1, pages.shape[-1]).astype(dtype)   # [B, M*P, C+R]
     return flat[..., :spec.latent_dim], flat[..., spec.latent_dim:]
 

@@ -166,7 +166,8 @@ class Engine(_Serving):
         cfg = model.cfg
         dtype = config.cache_dtype or ("float32" if cfg.dtype == "float32" else "bfloat16")
         self.cfg, self.config = cfg, config
-        self.spec = paged.CacheSpec(cfg.num_layers, config.num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+        self.spec = paged.CacheSpec(cfg.num_layers, config.num_blocks, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype,
+                                    bf16_bits=jax.default_backend() == "cpu")
         self._bake = config.bake_params
         self._build(model)
         self.kv = paged.init_cache(self.spec)

@@ -61,6 +61,8 @@ def paged_attention(q: Float[Array, "B T H CR"], kv, table, lengths, scale: floa
     """Absorbed attention over the paged cache: the FlashMLA kernel where its shapes fit (V3:
     576 = 512 + 64, bf16 or FP8 cache), `latent_attention` (XLA, this cache's latent width) elsewhere."""
     fits = (spec.latent_dim, spec.rope_dim) == (flash_mla.D_V, flash_mla.D_ROPE) and spec.dtype != "float32"
+    if spec.storage_dtype == jnp.uint16:                 # a bf16-bits pool (CPU): this batch's pages
+        kv, table = paged.gathered_pool(kv, table, spec)
     if fits:
         out, _ = flash_mla.mla_decode(q.astype(jnp.bfloat16), kv, table, lengths, softmax_scale=scale)
     else:

@@ -1,5 +1,6 @@
 """The serving engine: paged cache, scheduler, sampler, and the engine against a no-cache greedy loop."""
 
+import dataclasses
 import json
 
 import jax
@@ -247,11 +248,12 @@ def test_allocator():
     assert alloc.num_used == 0 and alloc.allocate(4) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("dtype, tol", [("bfloat16", 1e-2), ("fp8", 8e-2)])
-def test_paged_cache_roundtrip_and_flash_mla(dtype, tol):
+@pytest.mark.parametrize("dtype, tol, bits", [("bfloat16", 1e-2, False), ("bfloat16", 1e-2, True),
+                                             ("fp8", 8e-2, False)])
+def test_paged_cache_roundtrip_and_flash_mla(dtype, tol, bits):
     """Write latents into scattered blocks, read them back, and attend over them with FlashMLA's
     shapes (512 + 64): against attention over the unpaged values."""
-    spec = CacheSpec(num_layers=2, num_blocks=6, latent_dim=512, rope_dim=64, dtype=dtype)
+    spec = CacheSpec(num_layers=2, num_blocks=6, latent_dim=512, rope_dim=64, dtype=dtype, bf16_bits=bits)
     rng = np.random.default_rng(1)
     ckv = jnp.asarray(rng.normal(size=(2, 100, 512)), jnp.float32)
     krope = jnp.asarray(rng.normal(size=(2, 100, 64)), jnp.float32)
@@ -278,6 +280,24 @@ def test_paged_cache_roundtrip_and_flash_mla(dtype, tol):
     assert rel_err(got_c[0, :100], ckv[0]) < tol and rel_err(got_r[1, :90], krope[1, :90]) < tol
     assert float(jnp.abs(got_c[1, 90:]).max()) == 0                 # dropped slots stay empty
     assert rel_err(out, unpaged(ckv, krope, q)) < tol
+
+
+@pytest.mark.parametrize("latent, rope", [(64, 16), (512, 64)])
+def test_bf16_cache_writes_in_place_on_cpu(latent, rope):
+    """A bfloat16 cache on CPU is stored as uint16 bits: XLA:CPU compiles a bf16 scatter as a float32
+    round trip of the whole pool (every layer's, every token), an integer scatter in place. The
+    compiled write holds no pool-sized float32 array, and an engine's reads see the same values."""
+    spec = CacheSpec(num_layers=2, num_blocks=64, latent_dim=latent, rope_dim=rope, bf16_bits=True)
+    pool = paged.init_cache(spec)
+    assert pool.dtype == jnp.uint16 and spec.bytes_per_token == 2 * 2 * (latent + rope)
+    ckv, krope = jnp.ones((2, 1, latent)), jnp.ones((2, 1, rope))
+    write = jax.jit(lambda kv, c, r, s: paged.write(kv, 1, c, r, s, spec), donate_argnums=0)
+    hlo = write.lower(pool, ckv, krope, jnp.array([[3], [70]], jnp.int32)).compile().as_text()
+    assert f"f32[{pool.shape[0]},64,1,{latent + rope}]" not in hlo
+    assert "u16[" in hlo and "input_output_alias" in hlo
+    engine = Engine(model.Transformer(model.ModelConfig.preset("tiny", dtype="bfloat16"), rngs=nnx.Rngs(0)),
+                    EngineConfig(num_blocks=4))
+    assert engine.kv.dtype == (jnp.uint16 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
 def test_latent_attention_equals_reference_and_ignores_stale_slots():
@@ -489,10 +509,15 @@ def test_engine_steps_lower_for_cuda_with_flash_mla(cache_dtype, monkeypatch):
     prompts = [[int(t) for t in rng.integers(0, cfg.vocab_size, n)] for n in (20, 70)]
     engine.run([(p, SamplingParams(max_tokens=5)) for p in prompts])
     assert set(calls) == {False, "multi"}                 # prefill, then decode 2 tokens a call
+    assert engine.kv.dtype == (jnp.uint8 if cache_dtype == "fp8" else jnp.uint16)   # bf16 as bits on CPU
     pretend_hopper(monkeypatch)
     monkeypatch.setattr(engine_mod, "_STEPS", {})
+    engine.spec = dataclasses.replace(engine.spec, bf16_bits=False)    # a GPU engine's pool is bfloat16
     engine._build(net)                                    # the step functions a GPU engine builds
     for key, args in calls.items():
+        kv = args[1]                                      # donated (deleted): its shape is what lowers
+        args = (args[0], jax.ShapeDtypeStruct(kv.shape, jnp.bfloat16 if kv.dtype == jnp.uint16 else kv.dtype),
+                *args[2:])
         has_kernel = "mosaic_gpu" in lower_for_cuda(engine._steps[key], *args)
         assert has_kernel == (key == "multi"), key        # prefill attends with XLA (naive form)
 

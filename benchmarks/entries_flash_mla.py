@@ -136,6 +136,9 @@ def _sweep(label: str, config: fm.TuningConfig, shapes) -> None:
 # work), not yet timed. Dropped after the 2026-11-29 H200 run (BENCHMARKS.md): one page in flight
 # (1.7x slower) and num_sm_parts 33/66 (no change beyond noise at b=128).
 _sweep("pair_pages", fm.TuningConfig(pair_pages=True), itertools.product((4096, 32768), (1, 2)))
+# FA3's ping-pong schedule for the default kernel (one warpgroup's softmax under the other's
+# matmuls), not yet timed: A/B against the default entries at the same shapes.
+_sweep("ping_pong", fm.TuningConfig(ping_pong=True), ((4096, 1), (32768, 2)))
 # A/B: O += P V as timed on 2026-11-29 (a fresh accumulator per 64-column chunk, awaited and
 # added in registers) against the default, which accumulates in place (pl.run_state).
 _sweep("fresh accumulators", fm.TuningConfig(accumulate_in_place=False), ((8192, 1), (32768, 2)))

@@ -31,6 +31,10 @@ Known costs of this first version (not yet measured on a GPU):
   2j + 1's PV (both slots hold the pair, so that is the only overlap). ptxas spills 384-444
   bytes in it (the default: 4-52; benchmarks/ptxas.py): about 36 local loads a pair step of
   some 1,050 instructions, loop invariants reloaded. Off until a GPU run measures it;
+- both consumer warpgroups run softmax at the same time, while the tensor cores idle;
+  `TuningConfig(ping_pong=True)` staggers them with a schedule barrier (FA3's ping-pong: one's
+  softmax under the other's matmuls). ptxas: 32 bytes of spill stores at s_q = 2 (the default:
+  44). Off until a GPU run times it;
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel (only the pages the block table
@@ -86,6 +90,11 @@ class TuningConfig:
     # False: the form timed on 2026-11-29, a fresh accumulator per chunk, awaited and added in
     # registers; kept for the GPU suite's A/B until a GPU run has compared them.
     accumulate_in_place: bool = True
+    # FA3's ping-pong for the default kernel: a schedule barrier staggers the two consumer
+    # warpgroups so that one's softmax runs while the other's S and PV matmuls hold the tensor
+    # cores (by default both compute S, then both run softmax, leaving the tensor cores idle).
+    # Off until a GPU run has timed it (the suite's sweep entries).
+    ping_pong: bool = False
 
     def __post_init__(self):
         if self.block_m != 64:
@@ -96,6 +105,9 @@ class TuningConfig:
             raise ValueError(f"{self.num_sm_parts=} must be positive")
         if self.pair_pages and self.num_slots != 2:
             raise ValueError(f"pair_pages needs num_slots=2 (a pair of pages in flight), got {self.num_slots}")
+        if self.pair_pages and self.ping_pong:
+            raise ValueError("ping_pong staggers the default kernel's warpgroups; pair_pages has its own "
+                             "exchange schedule: set one of them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +123,7 @@ class _Static:
     slots: int
     pairs: bool = False   # TuningConfig.pair_pages
     in_place: bool = True  # TuningConfig.accumulate_in_place
+    ping_pong: bool = False  # TuningConfig.ping_pong
 
 
 # ----------------------------------------------------------------------------- 2. kernel
@@ -175,7 +188,8 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
         @pl.when(wg < 2)
         def _consumers():
             plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-            shared = (p_smem, vec_smem, done_bar) if st.pairs else ()
+            shared = (p_smem, vec_smem, done_bar) if st.pairs else \
+                (None, None, done_bar) if st.ping_pong else ()
             o_acc, m_i, l_i = _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem,
                                        q_bar, k_bars, consumed_bars, *shared)
             # Q's SMEM becomes the output tile: wait until both warpgroups are done with Q.
@@ -193,7 +207,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_barriers=st.slots),
         plgpu.Barrier(num_arrivals=2, num_barriers=st.slots),
-        plgpu.Barrier(num_arrivals=2, num_barriers=4 if st.pairs else 1),
+        plgpu.Barrier(num_arrivals=2, num_barriers=4 if st.pairs else 2 if st.ping_pong else 1),
         collective_axes="wg",
     )
 
@@ -212,6 +226,12 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     0. Zeroing a tail inside the pair step cost 260 of its 644 bytes of register spills (ptxas,
     benchmarks/ptxas.py). A buffer is overwritten only after a barrier that both pass after
     reading it.
+
+    st.ping_pong (default kernel only): x_bars[1] is the schedule barrier. Warpgroup 1 meets it
+    once first, so each warpgroup issues its S matmuls, meets the other (whose softmax then runs
+    under them), runs its own softmax, and meets again before its PV: the tensor cores alternate
+    between the warpgroups instead of idling while both run softmax. Warpgroup 0 meets it once
+    after its last page, so both pass it equally often (an empty split too).
     """
     half = D_V // 2
     wgmma_layout = plgpu.Layout.WGMMA
@@ -230,6 +250,10 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     m_i = plgpu.layout_cast(jnp.full((64,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1))
     l_i = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), wgmma_layout.reduce(1))
 
+    def schedule():                     # st.ping_pong: meet the other consumer warpgroup
+        plgpu.barrier_arrive(x_bars.at[1])
+        plgpu.barrier_wait(x_bars.at[1])
+
     def scores(slot, page):
         """S for one page of the split, scaled to log2 units, -inf where masked."""
         def qk(acc_ref):
@@ -238,6 +262,8 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
             for c in range(D_QK // 64):
                 k_chunk = k_smem.at[slot, :, pl.ds(c * 64, 64)]           # [P, 64]
                 plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_chunk, (1, 0)))
+            if st.ping_pong:
+                schedule()              # the other warpgroup's softmax runs under these matmuls
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((64, PAGE), jnp.float32))   # [64, P]
@@ -296,12 +322,21 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
             row_sum = jnp.where(wg == 0, row_sum, jnp.zeros_like(row_sum))
         l_i = l_i * alpha + row_sum
         zero_tail(slot, step)
-        o_acc = times_v(o_acc, slot, alpha, p.astype(jnp.bfloat16))    # P as the register LHS
+        p16 = p.astype(jnp.bfloat16)
+        if st.ping_pong:
+            plgpu.barrier_arrive(x_bars.at[1])                          # softmax done
+            plgpu.barrier_wait(x_bars.at[1])                            # the tensor cores are ours
+        o_acc = times_v(o_acc, slot, alpha, p16)                        # P as the register LHS
         plgpu.barrier_arrive(consumed_bars.at[slot])
         return o_acc, m_new, l_i
 
     if not st.pairs:
-        return lax.fori_loop(0, steps, page_step, (o_acc, m_i, l_i))
+        if st.ping_pong:
+            pl.when(wg == 1)(schedule)
+        carry = lax.fori_loop(0, steps, page_step, (o_acc, m_i, l_i))
+        if st.ping_pong:
+            pl.when(wg == 0)(schedule)
+        return carry
 
     def sync(i):
         plgpu.barrier_arrive(x_bars.at[i])
@@ -535,7 +570,8 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     metadata = jnp.clip(metadata.astype(jnp.int32), 0, n_table)
     st = _Static(s_q=s_q, heads_per_kv=g, rows=rows, h_kv=h_kv, causal=causal,
                  scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots,
-                 pairs=config.pair_pages, in_place=config.accumulate_in_place)
+                 pairs=config.pair_pages, in_place=config.accumulate_in_place,
+                 ping_pong=config.ping_pong)
     rp = m_tiles * 64
     kernel = plgpu.kernel(
         functools.partial(_kernel, st),

@@ -29,6 +29,7 @@ class Case:
     num_sm_parts: int = 4        # few simulated SMs: a handful of CTAs, 2 splits for b = 2
     pairs: bool = False          # TuningConfig.pair_pages
     in_place: bool = True        # TuningConfig.accumulate_in_place
+    ping_pong: bool = False      # TuningConfig.ping_pong
 
 
 CASES = [
@@ -42,6 +43,10 @@ CASES = [
     # three splits a sequence: 200 pairs its first two (full) pages in one split, its second
     # split ends mid-page, its third is empty (as is 65's)
     Case("pairs_causal_sq2_h64", (65, 200), s_q=2, h_q=64, causal=True, num_sm_parts=12, pairs=True),
+    # the ping-pong schedule: three splits a sequence, an empty split and an empty sequence (the
+    # warpgroups still meet equally often), causal s_q = 2 with a partial last page
+    Case("ping_pong_causal_sq2_h64", (200, 0, 65), s_q=2, h_q=64, causal=True, num_sm_parts=12,
+         ping_pong=True),
     # O += P V into a fresh accumulator per chunk (the suite's A/B against the in-place default)
     Case("fresh_acc_causal_sq2_h16", (130, 0, 70), s_q=2, h_q=16, causal=True, num_sm_parts=4,
          in_place=False),
@@ -120,7 +125,7 @@ def check(name, out, lse, out_gt, lse_gt):
 
 def run_kernel(case, args, interpret=True):
     config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs,
-                             accumulate_in_place=case.in_place)
+                             accumulate_in_place=case.in_place, ping_pong=case.ping_pong)
     return fm.flash_mla_with_kvcache(*args, causal=case.causal, interpret=interpret,
                                      config=config)
 
@@ -140,21 +145,21 @@ def test_kernel_interpreted_vs_float64(case, report):
 def test_kernel_lowers_for_cuda(case):
     args, _, _ = make_case(case)
     config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs,
-                             accumulate_in_place=case.in_place)
+                             accumulate_in_place=case.in_place, ping_pong=case.ping_pong)
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=case.causal, config=config)
     assert "mosaic_gpu" in lower_for_cuda(fn, *args)
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["default", "pair_pages"])
+@pytest.mark.parametrize("variant", ["default", "pair_pages", "ping_pong"])
 @pytest.mark.parametrize("s_q", [1, 2])
-def test_benchmark_shapes_lower_for_cuda(s_q, pairs):
+def test_benchmark_shapes_lower_for_cuda(s_q, variant):
     """FlashMLA's benchmark shape (b = 128, s_k = 32768, h_q = 128) with 132 SMs, abstractly."""
     b, pages = 128, 32768 // fm.PAGE
     args = (jax.ShapeDtypeStruct((b, s_q, 128, fm.D_QK), jnp.bfloat16),
             jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.D_QK), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, pages), jnp.int32),
             jax.ShapeDtypeStruct((b,), jnp.int32))
-    config = fm.TuningConfig(pair_pages=pairs)
+    config = fm.TuningConfig(pair_pages=variant == "pair_pages", ping_pong=variant == "ping_pong")
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=s_q > 1, config=config)
     assert "mosaic_gpu" in lower_for_cuda(fn, *args)
 
@@ -249,6 +254,8 @@ def test_tuning_config_rejects_bad_blocks():
         fm.TuningConfig(num_slots=3)
     with pytest.raises(ValueError, match="pair_pages needs num_slots=2"):
         fm.TuningConfig(num_slots=1, pair_pages=True)
+    with pytest.raises(ValueError, match="set one of them"):
+        fm.TuningConfig(pair_pages=True, ping_pong=True)
 
 
 def test_benchmark_entries_cover_flash_mla_shapes():
@@ -360,8 +367,8 @@ def test_interpret_shim_reinstalled_after_the_wgmma_callback_is_swapped():
     check(RING.name, out, lse, *ground_truth(args[0], values, table, args[3], RING.causal))
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["default", "pair_pages"])
-def test_barrier_protocol_under_random_delays(monkeypatch, pairs):
+@pytest.mark.parametrize("variant", ["default", "pair_pages", "ping_pong"])
+def test_barrier_protocol_under_random_delays(monkeypatch, variant):
     """Every barrier wait has its arrivals in any interleaving: random sleeps around the
     interpreter's barrier arrive/wait (TMA completions arrive through the same method) must
     neither hang nor trip its phase checks. A hang here is caught by a watchdog. With
@@ -390,7 +397,7 @@ def test_barrier_protocol_under_random_delays(monkeypatch, pairs):
 
     monkeypatch.setattr(shared_memory.Barrier, "wait", slow_wait)
     monkeypatch.setattr(shared_memory.Barrier, "arrive", slow_arrive)
-    ring = dataclasses.replace(RING, pairs=pairs)
+    ring = dataclasses.replace(RING, pairs=variant == "pair_pages", ping_pong=variant == "ping_pong")
     args, values, table = make_case(ring)
     result = []
     worker = threading.Thread(target=lambda: result.append(jax.block_until_ready(run_kernel(ring, args))), daemon=True)

@@ -97,6 +97,8 @@ def test_kernels_compile_for_sm90a_within_their_spill_budgets(toolchain, monkeyp
         ("flash_mla s_q=2 causal", *_flash_mla(2), [(44, 9)]),
         # pages in pairs also holds the row statistics and P exchanged between the warpgroups
         ("flash_mla s_q=2 causal pair_pages", *_flash_mla(2, pair_pages=True), [(444, 40)]),
+        # the ping-pong schedule barrier holds nothing more in registers than the default
+        ("flash_mla s_q=2 causal ping_pong", *_flash_mla(2, ping_pong=True), [(32, 8)]),
         # forward, dQ, dK/dV: dK and dV (64 x 192 and 64 x 128 f32) hold 160 registers a thread.
         ("mla_attention forward + backward", *_mla_attention_grad(), [(0, 0), (0, 0), (88, 20)]),
         ("fp8_gemm_nt block_m=64", *_fp8_gemm(64), [(0, 0)]),

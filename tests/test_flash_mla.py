@@ -41,8 +41,9 @@ CASES = [
     Case("pairs_varlen_empty_sq1_h16", (300, 0, 37, 128), s_q=1, h_q=16, causal=False, num_sm_parts=6,
          pairs=True),
     # three splits a sequence: 200 pairs its first two (full) pages in one split, its second
-    # split ends mid-page, its third is empty (as is 65's)
-    Case("pairs_causal_sq2_h64", (65, 200), s_q=2, h_q=64, causal=True, num_sm_parts=12, pairs=True),
+    # split ends mid-page, its third is empty (as is 65's). One 64-row tile (h_q 16; the
+    # default's cases cover a second tile): half the CTAs to interpret of h_q 64.
+    Case("pairs_causal_sq2_h16", (65, 200), s_q=2, h_q=16, causal=True, num_sm_parts=6, pairs=True),
     # the ping-pong schedule: two splits a sequence (130's first holds two pages), empty splits
     # (the empty sequence: the warpgroups still meet equally often), causal s_q = 2, partial
     # last pages

@@ -11,7 +11,8 @@
    the GPU against its reference, then its time against the ceiling that bounds it and against
    each XLA baseline in the same run. Times are the GPU's busy time per call, read from a profiler
    trace of back-to-back calls (`device_seconds`); wall clock only where the trace has no GPU.
-3. A short table last; appended to BENCHMARKS.md (not in a dry run).
+3. A short table last; appended to BENCHMARKS.md (not in a dry run). Its last column is each entry's
+   whole cost in seconds (inputs, compiles, checks, timing): what the next GPU window must fit.
 
 Imports only jax and numpy beyond the repo, so it runs on the GPU machine without installing.
 """
@@ -154,30 +155,9 @@ def measure_ceilings(dry: bool, repeat: int) -> Ceilings:
 def run_entry(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat: int) -> dict:
     row = dict(name=entry.name, ok=False, error=float("nan"), kernel_ms=float("nan"), tflops=float("nan"),
                gbs=float("nan"), roof=float("nan"), vs_xla=float("nan"), note="")
+    start = time.perf_counter()
     try:
-        args = entry.make_inputs(dry)
-        kernel = jax.jit(lambda *a: entry.kernel(*a, interpret=dry))
-        out = jax.block_until_ready(kernel(*args))
-        ref = jax.block_until_ready(jax.jit(entry.reference)(*args))
-        row["error"] = float(entry.error(out, ref))
-        row["ok"] = bool(row["error"] < entry.tolerance)            # a NaN error fails too
-        if dry:
-            row["note"] = "dry run: interpreted, not timed"
-            return row
-        times = time_all({"kernel": (kernel, args)}
-                         | {name: (jax.jit(fn), args) for name, fn in entry.baselines.items()}, repeat=repeat)
-        t = times.pop("kernel")
-        row["kernel_ms"] = t * 1e3
-        row["tflops"] = entry.flops(*args) / t / 1e12
-        row["gbs"] = entry.bytes(*args) / t / 1e9
-        if entry.bound == "memory":
-            row["roof"] = row["gbs"] / ceilings.copy_gbs
-        else:
-            row["roof"] = row["tflops"] / (ceilings.fp8_tflops if entry.peak == "fp8" else ceilings.bf16_tflops)
-        if times:                                                  # the baselines
-            best = min(times, key=times.get)
-            row["vs_xla"] = times[best] / t
-            row["note"] = "vs " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in times.items())
+        return _measure(entry, ceilings, dry, repeat, row)
     except Exception as exc:                                       # one entry's failure must not stop the run
         row["note"] = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         traceback.print_exc()
@@ -187,6 +167,36 @@ def run_entry(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat
                 reset_gpu_interpret_mode_state()
             except ImportError:
                 pass
+        return row
+    finally:       # the entry's whole cost (inputs, compiles, checks, timing): what a GPU window must fit
+        row["entry_s"] = time.perf_counter() - start
+
+
+def _measure(entry: registry.KernelEntry, ceilings: Ceilings, dry: bool, repeat: int, row: dict) -> dict:
+    """Fills `row`: the kernel checked against its reference, then timed beside its baselines."""
+    args = entry.make_inputs(dry)
+    kernel = jax.jit(lambda *a: entry.kernel(*a, interpret=dry))
+    out = jax.block_until_ready(kernel(*args))
+    ref = jax.block_until_ready(jax.jit(entry.reference)(*args))
+    row["error"] = float(entry.error(out, ref))
+    row["ok"] = bool(row["error"] < entry.tolerance)            # a NaN error fails too
+    if dry:
+        row["note"] = "dry run: interpreted, not timed"
+        return row
+    times = time_all({"kernel": (kernel, args)}
+                     | {name: (jax.jit(fn), args) for name, fn in entry.baselines.items()}, repeat=repeat)
+    t = times.pop("kernel")
+    row["kernel_ms"] = t * 1e3
+    row["tflops"] = entry.flops(*args) / t / 1e12
+    row["gbs"] = entry.bytes(*args) / t / 1e9
+    if entry.bound == "memory":
+        row["roof"] = row["gbs"] / ceilings.copy_gbs
+    else:
+        row["roof"] = row["tflops"] / (ceilings.fp8_tflops if entry.peak == "fp8" else ceilings.bf16_tflops)
+    if times:                                                  # the baselines
+        best = min(times, key=times.get)
+        row["vs_xla"] = times[best] / t
+        row["note"] = "vs " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in times.items())
     return row
 
 
@@ -295,7 +305,7 @@ def main(argv=None) -> list[dict]:
         r = rows[-1]
         print(f"{r['name']}: {'ok' if r['ok'] else 'FAIL'} err={r['error']:.2e} {r['kernel_ms']:.3g} ms "
               f"{r['tflops']:.4g} TFLOP/s {r['gbs']:.4g} GB/s {r['roof'] * 100:.3g}% x{r['vs_xla']:.3g} "
-              f"{r['note']}", flush=True)
+              f"{r['note']} ({r.get('entry_s', float('nan')):.0f} s)", flush=True)
         if args.out:        # after every entry: a run cut short by its time limit keeps what it measured
             _write_out(args.out, _body(rows, ceilings, time.perf_counter() - start), rows)
         if not dry and "CUDA_ERROR" in r["note"]:
@@ -369,10 +379,11 @@ def _body(rows: list[dict], ceilings: Ceilings, elapsed: float) -> str:
     return (f"Ceilings (XLA): copy {ceilings.copy_gbs:.1f} GB/s, bf16 matmul {ceilings.bf16_tflops:.1f} TFLOP/s, "
             f"fp8 matmul {ceilings.fp8_tflops:.1f} TFLOP/s. Wall time {elapsed:.0f} s. "
             f"Times: {_clock_text()}.\n\n"
-            + table(["entry", "correct", "error", "ms", "TFLOP/s", "GB/s", "% of ceiling", "x XLA", "note"],
+            + table(["entry", "correct", "error", "ms", "TFLOP/s", "GB/s", "% of ceiling", "x XLA", "note",
+                     "entry s"],
                     [[r["name"], "yes" if r["ok"] else "NO", fmt(r.get("error")), fmt(r.get("kernel_ms")),
                       fmt(r.get("tflops")), fmt(r.get("gbs")), fmt(r.get("roof"), 100), fmt(r.get("vs_xla")),
-                      r.get("note", "")] for r in rows]))
+                      r.get("note", ""), fmt(r.get("entry_s"))] for r in rows]))
 
 
 def _device_text() -> str:

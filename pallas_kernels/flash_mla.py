@@ -188,10 +188,8 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
         @pl.when(wg < 2)
         def _consumers():
             plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-            shared = (p_smem, vec_smem, done_bar) if st.pairs else \
-                (None, None, done_bar) if st.ping_pong else ()
             o_acc, m_i, l_i = _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem,
-                                       q_bar, k_bars, consumed_bars, *shared)
+                                       q_bar, k_bars, consumed_bars, p_smem, vec_smem, done_bar)
             # Q's SMEM becomes the output tile: wait until both warpgroups are done with Q.
             plgpu.barrier_arrive(done_bar.at[0])
             plgpu.barrier_wait(done_bar.at[0])
@@ -213,8 +211,9 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
 
 
 def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
-             consumed_bars, p_smem=None, stats_smem=None, x_bars=None):
+             consumed_bars, p_smem, stats_smem, x_bars):
     """Warpgroups 0/1: online softmax over the split's pages; returns this half's state.
+    p_smem (None unless st.pairs) and stats_smem serve pages in pairs, x_bars pairs and ping-pong.
 
     st.pairs: pages go in pairs (2j, 2j + 1). Warpgroup w computes S for page 2j + w only; the
     row maxima pass through stats_smem (barrier x_bars[1]) so both use the same m; warpgroup 0
@@ -250,9 +249,9 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     m_i = plgpu.layout_cast(jnp.full((64,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1))
     l_i = plgpu.layout_cast(jnp.zeros((64,), jnp.float32), wgmma_layout.reduce(1))
 
-    def schedule():                     # st.ping_pong: meet the other consumer warpgroup
-        plgpu.barrier_arrive(x_bars.at[1])
-        plgpu.barrier_wait(x_bars.at[1])
+    def sync(i):                        # both consumer warpgroups meet at x_bars[i]
+        plgpu.barrier_arrive(x_bars.at[i])
+        plgpu.barrier_wait(x_bars.at[i])
 
     def scores(slot, page):
         """S for one page of the split, scaled to log2 units, -inf where masked."""
@@ -263,7 +262,7 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
                 k_chunk = k_smem.at[slot, :, pl.ds(c * 64, 64)]           # [P, 64]
                 plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_chunk, (1, 0)))
             if st.ping_pong:
-                schedule()              # the other warpgroup's softmax runs under these matmuls
+                sync(1)                 # the other warpgroup's softmax runs under these matmuls
             return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((64, PAGE), jnp.float32))   # [64, P]
@@ -324,23 +323,18 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         zero_tail(slot, step)
         p16 = p.astype(jnp.bfloat16)
         if st.ping_pong:
-            plgpu.barrier_arrive(x_bars.at[1])                          # softmax done
-            plgpu.barrier_wait(x_bars.at[1])                            # the tensor cores are ours
+            sync(1)                     # softmax done; then the tensor cores are ours
         o_acc = times_v(o_acc, slot, alpha, p16)                        # P as the register LHS
         plgpu.barrier_arrive(consumed_bars.at[slot])
         return o_acc, m_new, l_i
 
     if not st.pairs:
         if st.ping_pong:
-            pl.when(wg == 1)(schedule)
+            pl.when(wg == 1)(lambda: sync(1))
         carry = lax.fori_loop(0, steps, page_step, (o_acc, m_i, l_i))
         if st.ping_pong:
-            pl.when(wg == 0)(schedule)
+            pl.when(wg == 0)(lambda: sync(1))
         return carry
-
-    def sync(i):
-        plgpu.barrier_arrive(x_bars.at[i])
-        plgpu.barrier_wait(x_bars.at[i])
 
     def pair_step(j, carry):
         o_acc, m_i, l_i = carry

@@ -86,9 +86,9 @@ def _bytes(q, k_cache, block_table, cache_seqlens):
     return cache + q.size * 2 + batch * s_q * h_q * (fm.D_V * 2 + 4)
 
 
-def _bound(h_q: int, s_q: int) -> str:
-    """Which ceiling bounds a shape: FLOPs per bf16 cache byte against the H200's ridge."""
-    intensity = 2 * h_q * s_q * (fm.D_QK + fm.D_V) / (fm.D_QK * 2)
+def _bound(h_q: int, s_q: int, token_bytes: int = fm.D_QK * 2) -> str:
+    """Which ceiling bounds a shape: FLOPs per cache byte against the H200's ridge."""
+    intensity = 2 * h_q * s_q * (fm.D_QK + fm.D_V) / token_bytes
     return "memory" if intensity < H200_RIDGE else "compute"
 
 
@@ -116,7 +116,18 @@ ENTRIES.append(register(KernelEntry(
     make_inputs=functools.partial(_make_fp8_inputs, 128, 8192, 128, 1),
     kernel=_kernel, reference=_reference, error=_error, tolerance=1e-5,
     flops=_flops, bytes=_bytes, baselines={"xla_reference": _reference},
-    bound="memory", peak="bf16", quick=True,
+    bound=_bound(128, 1, fm.FP8_TOKEN_BYTES), peak="bf16", quick=True,
+)))
+
+
+# The same FP8 shape with the kernel reading the 656-byte tokens itself (no baselines: beside
+# the row above, which times XLA's dequantise-then-bf16-kernel path).
+ENTRIES.append(register(KernelEntry(
+    name="flash_mla fp8-cache b=128 s_k=8192 h_q=128 s_q=1 dequantize_in_kernel",
+    make_inputs=functools.partial(_make_fp8_inputs, 128, 8192, 128, 1),
+    kernel=functools.partial(_kernel, config=fm.TuningConfig(dequantize_in_kernel=True)),
+    reference=_reference, error=_error, tolerance=1e-5, flops=_flops, bytes=_bytes,
+    baselines={}, bound=_bound(128, 1, fm.FP8_TOKEN_BYTES), peak="bf16", quick=False,
 )))
 
 

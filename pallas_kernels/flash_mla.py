@@ -38,7 +38,15 @@ Known costs of this first version (not yet measured on a GPU):
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel (only the pages the block table
-  names, or the pool if that is smaller), so it saves cache memory but not yet kernel bandwidth.
+  names, or the pool if that is smaller), so it saves cache memory but not kernel bandwidth.
+  `TuningConfig(dequantize_in_kernel=True)` reads the 656-byte tokens in the kernel instead:
+  six TMA copies a page into two FP8 slots (a 656-byte row takes no tiled copy, so the latent
+  goes as four 128-byte-wide untiled copies swizzled by the TMA unit, and the rope and scales
+  as two more), and each consumer dequantises its V half into one bf16 staging page (warpgroup
+  1 also moves the rope there) that S and PV read. Q + 2 FP8 pages + the staging page: 226 of
+  227 KiB. Two barriers a page; ptxas spills 200 bytes (41 spill loads in a page step of
+  some 1,550 instructions: swizzled load addresses held across the loop). Off until a GPU
+  run times it against the XLA-dequantised path (the suite's fp8 entries).
 """
 
 from __future__ import annotations
@@ -95,6 +103,12 @@ class TuningConfig:
     # cores (by default both compute S, then both run softmax, leaving the tensor cores idle).
     # Off until a GPU run has timed it (the suite's sweep entries).
     ping_pong: bool = False
+    # FP8 caches only: the kernel reads the 656-byte tokens itself (latent e4m3, scales, rope by
+    # TMA into two FP8 slots) and each consumer warpgroup dequantises its V half of the page into
+    # one bf16 staging page, which S and PV then read. False: XLA dequantises the table's pages
+    # to bf16 first and the bf16 kernel runs (1,152 bytes written and read again a token, on top
+    # of the 656 read). Off until a GPU run has timed it (the suite's fp8 entries, side by side).
+    dequantize_in_kernel: bool = False
 
     def __post_init__(self):
         if self.block_m != 64:
@@ -108,6 +122,9 @@ class TuningConfig:
         if self.pair_pages and self.ping_pong:
             raise ValueError("ping_pong staggers the default kernel's warpgroups; pair_pages has its own "
                              "exchange schedule: set one of them")
+        if self.dequantize_in_kernel and (self.pair_pages or self.ping_pong):
+            raise ValueError("dequantize_in_kernel runs the default schedule (SMEM holds Q, two FP8 "
+                             "pages and one bf16 staging page): unset pair_pages and ping_pong")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,23 +141,25 @@ class _Static:
     pairs: bool = False   # TuningConfig.pair_pages
     in_place: bool = True  # TuningConfig.accumulate_in_place
     ping_pong: bool = False  # TuningConfig.ping_pong
+    fp8: bool = False        # an FP8 cache, dequantised in the kernel (TuningConfig.dequantize_in_kernel)
 
 
 # ----------------------------------------------------------------------------- 2. kernel
 
 
-def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o_gmem,
-            lse_gmem):
+def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
     """One CTA: 64 query rows x one split of one sequence's pages.
 
     sched_gmem   int32 [B, S, 2]      (first page, end page) of each split
     seqlens_gmem int32 [B]
     table_gmem   int32 [B, M]
     q_gmem       bf16  [B, Hkv, Rp / 64, D / 64, 64, 64]   Q in 64 x 64 chunks
-    k_gmem       bf16  [N, P, Hkv, D]
+    rest         k_gmem bf16 [N, P, Hkv, D], or with st.fp8 three views of the FP8 cache's bytes:
+                 e4m3 [N, P, Hkv, 656], bf16 [N, P, Hkv, 328], f32 [N, P, Hkv, 164]; then
     o_gmem       bf16  [B, Hkv, S, Rp, Dv]   partial outputs (normalised within the split)
     lse_gmem     f32   [B, Hkv, S, Rp]       natural-log lse of each split (-inf if empty)
     """
+    k_gmems, (o_gmem, lse_gmem) = rest[:-2], rest[-2:]
     m_idx = lax.axis_index("m")
     split = lax.axis_index("split")
     bh = lax.axis_index("bh")
@@ -156,8 +175,14 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
     def main_loop(q_smem, k_smem, *scratch):
         # Swizzled buffers first. With st.pairs: the shared P tile; vec_smem [3, 64] holds the
         # exchanged row statistics and then the lse row, and done_bar also the three exchange
-        # barriers (the SMEM budget has no room for separate allocations).
+        # barriers (the SMEM budget has no room for separate allocations). With st.fp8, k_smem
+        # is (latent e4m3 [slots, Dv / 128, P, 128], rope bf16 [slots, P, 64], scales f32
+        # [slots, P, 4], bf16 staging page [P, D]), done_bar also the staging barriers, and
+        # there is no vec_smem (every allocation takes whole KiB, and the budget has 0.9 KiB
+        # left): the lse goes from registers to GMEM.
         p_smem, scratch = (scratch[0], scratch[1:]) if st.pairs else (None, scratch)
+        if st.fp8:
+            k_smem, scratch = (k_smem, *scratch[:3]), (None, *scratch[3:])
         vec_smem, q_bar, k_bars, consumed_bars, done_bar = scratch
         lse_smem = vec_smem.at[2] if st.pairs else vec_smem
         # q_smem [D / 64, 64, 64] bf16 (Q in chunks); k_smem [slots, P, D] bf16.
@@ -168,8 +193,22 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
 
             def fetch(step, slot):
                 page = table_gmem[b, first + step]
-                plgpu.copy_gmem_to_smem(k_gmem.at[page, :, kvh], k_smem.at[slot],
-                                        k_bars.at[slot])
+                if not st.fp8:
+                    plgpu.copy_gmem_to_smem(k_gmems[0].at[page, :, kvh], k_smem.at[slot],
+                                            k_bars.at[slot])
+                    return
+                # One token's 656 bytes: latent e4m3 (0..511), 4 f32 scales (512..527), rope
+                # bf16 (528..655). A 656-byte row is no whole number of 128-byte tiles, so no
+                # tiled copy can take it: six untiled copies (128-byte rows, swizzled by the
+                # TMA unit) on one barrier.
+                (lat_gmem, rope_gmem, scale_gmem), (lat_smem, rope_smem, scale_smem, _) = k_gmems, k_smem
+                for t in range(D_V // FP8_TILE):
+                    plgpu.copy_gmem_to_smem(lat_gmem.at[page, :, kvh, pl.ds(t * FP8_TILE, FP8_TILE)],
+                                            lat_smem.at[slot, t], k_bars.at[slot])
+                plgpu.copy_gmem_to_smem(rope_gmem.at[page, :, kvh, pl.ds((D_V + 16) // 2, D_ROPE)],
+                                        rope_smem.at[slot], k_bars.at[slot])
+                plgpu.copy_gmem_to_smem(scale_gmem.at[page, :, kvh, pl.ds(D_V // 4, D_V // FP8_TILE)],
+                                        scale_smem.at[slot], k_bars.at[slot])
 
             for i in range(st.slots):
                 pl.when(i < steps)(functools.partial(fetch, i, i))
@@ -196,16 +235,24 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, k_gmem, o
             _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
                         lse_gmem)
 
+    if st.fp8:    # Q 72 + two FP8 pages 2 x 41 + the bf16 staging page 72 KiB: 226 of 227 KiB
+        pages = (plgpu.SMEM((st.slots, D_V // FP8_TILE, PAGE, FP8_TILE), jnp.float8_e4m3fn,
+                            transforms=(swizzle,)),
+                 plgpu.SMEM((st.slots, PAGE, D_ROPE), jnp.bfloat16, transforms=(swizzle,)),
+                 plgpu.SMEM((st.slots, PAGE, D_V // FP8_TILE), jnp.float32),
+                 plgpu.SMEM((PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)))
+    else:
+        pages = (plgpu.SMEM((st.slots, PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),)
     pl.run_scoped(
         main_loop,
         plgpu.SMEM((D_QK // 64, 64, 64), jnp.bfloat16, transforms=(tiling, swizzle)),
-        plgpu.SMEM((st.slots, PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),
+        *pages,
         *([plgpu.SMEM((64, PAGE), jnp.bfloat16, transforms=(tiling, swizzle))] if st.pairs else []),
-        plgpu.SMEM((3, 64) if st.pairs else (64,), jnp.float32),
+        *([] if st.fp8 else [plgpu.SMEM((3, 64) if st.pairs else (64,), jnp.float32)]),
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=st.slots),
+        plgpu.Barrier(num_arrivals=D_V // FP8_TILE + 2 if st.fp8 else 1, num_barriers=st.slots),
         plgpu.Barrier(num_arrivals=2, num_barriers=st.slots),
-        plgpu.Barrier(num_arrivals=2, num_barriers=4 if st.pairs else 2 if st.ping_pong else 1),
+        plgpu.Barrier(num_arrivals=2, num_barriers=4 if st.pairs else 3 if st.fp8 else 2 if st.ping_pong else 1),
         collective_axes="wg",
     )
 
@@ -231,6 +278,15 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     under them), runs its own softmax, and meets again before its PV: the tensor cores alternate
     between the warpgroups instead of idling while both run softmax. Warpgroup 0 meets it once
     after its last page, so both pass it equally often (an empty split too).
+
+    st.fp8: k_smem is (latent e4m3 slots, rope bf16 slots, scale slots, bf16 staging page). Each
+    warpgroup dequantises its V half of the page into the staging page (stale rows as 0), and
+    warpgroup 1 also copies the rope there (wgmma takes only tiled operands, and the rope's
+    offset, 528 bytes into the token, rules out a tiled copy). They meet (x_bars[1]); S reads
+    the staging page, PV the warpgroup's own half.
+    After S the FP8 slot goes back to the producer and each warpgroup arrives at x_bars[2]; it
+    waits there after its PV, so that neither overwrites its half for the next page while the
+    other's S may still read it.
     """
     half = D_V // 2
     wgmma_layout = plgpu.Layout.WGMMA
@@ -253,14 +309,24 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         plgpu.barrier_arrive(x_bars.at[i])
         plgpu.barrier_wait(x_bars.at[i])
 
+    def v_chunk(slot, c):
+        """Columns c * 64 .. c * 64 + 63 of this warpgroup's V half ([P, 64] in SMEM)."""
+        col = wg * half + c * QUARTER
+        return k_smem[3].at[:, pl.ds(col, QUARTER)] if st.fp8 else k_smem.at[slot, :, pl.ds(col, QUARTER)]
+
+    def k_chunk(slot, c):
+        """Columns c * 64 .. c * 64 + 63 of the page's K ([P, 64] in SMEM)."""
+        if not st.fp8:
+            return k_smem.at[slot, :, pl.ds(c * 64, 64)]
+        return k_smem[3].at[:, pl.ds(c * 64, 64)]                     # the staging page
+
     def scores(slot, page):
         """S for one page of the split, scaled to log2 units, -inf where masked."""
         def qk(acc_ref):
             # Q sits in SMEM as 9 chunks of 64 x 64 (so that each chunk can later stage a
             # contiguous piece of the output); S accumulates over the 9 chunks of D.
             for c in range(D_QK // 64):
-                k_chunk = k_smem.at[slot, :, pl.ds(c * 64, 64)]           # [P, 64]
-                plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_chunk, (1, 0)))
+                plgpu.wgmma(acc_ref, q_smem.at[c], plgpu.transpose_ref(k_chunk(slot, c), (1, 0)))
             if st.ping_pong:
                 sync(1)                 # the other warpgroup's softmax runs under these matmuls
             return acc_ref[...]
@@ -282,7 +348,7 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         @pl.when(n_valid < PAGE)
         def _():
             for c in range(half // 64):
-                chunk = k_smem.at[slot, :, pl.ds(wg * half + c * 64, 64)]  # [P, 64]
+                chunk = v_chunk(slot, c)                                # [P, 64]
                 x = chunk[...]                                          # WGMMA layout
                 chunk[...] = jnp.where(rows < n_valid, x, jnp.zeros_like(x))
             plgpu.commit_smem()
@@ -291,12 +357,9 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         """o_acc (rescaled by alpha unless None) + P V_half of the page in `slot`, accumulated
         in place (run_state): the four 64-column wgmmas issue back to back and are awaited once,
         and no fresh accumulator is added in registers afterwards."""
-        def v_chunk(c):
-            return k_smem.at[slot, :, pl.ds(wg * half + c * QUARTER, QUARTER)]  # [P, 64]
-
         def pv(acc_refs):
             for c, acc_ref in enumerate(acc_refs):
-                plgpu.wgmma(acc_ref, p_lhs, v_chunk(c))
+                plgpu.wgmma(acc_ref, p_lhs, v_chunk(slot, c))
 
         if alpha is not None:
             o_acc = tuple(o_c * lax.broadcast_in_dim(alpha, o_c.shape, [0]) for o_c in o_acc)
@@ -304,28 +367,65 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
             return pl.run_state(pv)(tuple(plgpu.ACC.init(o_c) for o_c in o_acc))
 
         def piece(acc_ref, c):                                         # the 2026-11-29 form
-            plgpu.wgmma(acc_ref, p_lhs, v_chunk(c))
+            plgpu.wgmma(acc_ref, p_lhs, v_chunk(slot, c))
             return acc_ref[...]
 
         return tuple(o_c + pl.run_scoped(functools.partial(piece, c=c), plgpu.ACC((64, QUARTER), jnp.float32))
                      for c, o_c in enumerate(o_acc))
 
+    def dequantize(slot, page):
+        """This warpgroup's V half of the FP8 page -> the bf16 staging page, stale rows as 0 (the
+        tail of a partial page may hold NaN codes or scales; P is 0 there, but 0 * NaN is NaN);
+        warpgroup 1 also copies the rope. Rounding as `dequantize_kv_cache_fp8`: e4m3 -> f32
+        exactly, times the scale in f32, one rounding to bf16."""
+        lat_smem, rope_smem, scale_smem, stage_smem = k_smem
+        row = plgpu.broadcasted_iota(jnp.int32, (PAGE,), 0, layout=wgmma_layout.reduce(1))
+        valid = row < seqlen - (first + page) * PAGE                    # [P] bool
+        for t in range(half // FP8_TILE):
+            tile = wg * (half // FP8_TILE) + t
+            # Four codes a 32-bit load (WGMMA_UPCAST_2X), then a shuffle and a byte permute to the
+            # WGMMA layout: ptxas spilled 240 bytes with the WGMMA layout's 16-bit loads, each a
+            # swizzled address of its own held across the page loop, against 200 this way.
+            codes = plgpu.layout_cast(lat_smem.at[slot, tile][...], plgpu.Layout.WGMMA_UPCAST_2X)
+            codes = plgpu.layout_cast(codes, wgmma_layout)                 # e4m3 [P, 128]
+            scale = plgpu.layout_cast(scale_smem.at[slot][:, tile], wgmma_layout.reduce(1))
+            x = codes.astype(jnp.float16).astype(jnp.float32)              # e4m3 -> f16 exactly
+            x = x * lax.broadcast_in_dim(scale, x.shape, [0])
+            x = jnp.where(lax.broadcast_in_dim(valid, x.shape, [0]), x, jnp.zeros_like(x))
+            stage_smem.at[:, pl.ds(tile * FP8_TILE, FP8_TILE)][...] = x.astype(jnp.bfloat16)
+
+        @pl.when(wg == 1)
+        def _():
+            stage_smem.at[:, pl.ds(D_V, D_ROPE)][...] = plgpu.layout_cast(
+                rope_smem.at[slot][...], wgmma_layout)
+        plgpu.commit_smem()                                             # read by wgmma next
+
     def page_step(step, carry):
         o_acc, m_i, l_i = carry
         slot = lax.rem(step, jnp.int32(st.slots))
         plgpu.barrier_wait(k_bars.at[slot])
+        if st.fp8:
+            dequantize(slot, step)
+            sync(1)                     # both halves staged
         s = scores(slot, step)
+        if st.fp8:
+            plgpu.barrier_arrive(consumed_bars.at[slot])               # the FP8 slot is read
+            plgpu.barrier_arrive(x_bars.at[2])                          # S is done with the stage
         m_new, alpha, p = softmax_step(s, s.max(axis=1), m_i)
         row_sum = p.sum(axis=1)
         if st.pairs:                                                    # l is summed over both at the end
             row_sum = jnp.where(wg == 0, row_sum, jnp.zeros_like(row_sum))
         l_i = l_i * alpha + row_sum
-        zero_tail(slot, step)
+        if not st.fp8:
+            zero_tail(slot, step)
         p16 = p.astype(jnp.bfloat16)
         if st.ping_pong:
             sync(1)                     # softmax done; then the tensor cores are ours
         o_acc = times_v(o_acc, slot, alpha, p16)                        # P as the register LHS
-        plgpu.barrier_arrive(consumed_bars.at[slot])
+        if st.fp8:
+            plgpu.barrier_wait(x_bars.at[2])                            # the other's S is done too
+        else:
+            plgpu.barrier_arrive(consumed_bars.at[slot])
         return o_acc, m_new, l_i
 
     if not st.pairs:
@@ -381,16 +481,21 @@ def _row_vector(ref):
 
 def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
                 lse_gmem):
-    """Normalise this warpgroup's half and store it (via Q's SMEM chunks) with the lse."""
+    """Normalise this warpgroup's half and store it (via Q's SMEM chunks) with the lse (via
+    lse_smem, or straight from registers when it is None)."""
     per_wg = len(o_acc)
     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
     for c, o_c in enumerate(o_acc):                                    # [64, 64] each
         o = o_c / lax.broadcast_in_dim(l_safe, o_c.shape, [0])
         q_smem.at[wg * per_wg + c][...] = o.astype(jnp.bfloat16)
+    lse = (m_i + jnp.log2(l_i)) * math.log(2.0)                        # -inf when empty
 
     @pl.when(wg == 0)
     def _():
-        lse_smem[...] = (m_i + jnp.log2(l_i)) * math.log(2.0)        # -inf when empty
+        if lse_smem is None:
+            lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)][...] = lse
+        else:
+            lse_smem[...] = lse
 
     plgpu.commit_smem()
     for c in range(per_wg):
@@ -399,9 +504,9 @@ def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_g
             q_smem.at[chunk],
             o_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64), pl.ds(chunk * 64, 64)])
 
-    @pl.when(wg == 0)
-    def _():
-        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)])
+    if lse_smem is not None:
+        pl.when(wg == 0)(lambda: plgpu.copy_smem_to_gmem(
+            lse_smem, lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)]))
 
     plgpu.wait_smem_to_gmem(0)
 
@@ -533,7 +638,7 @@ def flash_mla_with_kvcache(
                          f"{tile_scheduler_metadata.shape}")
     if softmax_scale is None:
         softmax_scale = D_QK ** -0.5
-    if k_cache.dtype == jnp.uint8:
+    if k_cache.dtype == jnp.uint8 and not config.dequantize_in_kernel:
         k_cache, block_table = _dequantized_pages(k_cache, block_table)
     if interpret:
         # Here, outside `_flash_mla`'s jit: a cached trace of `_flash_mla` skips its body, and
@@ -565,7 +670,14 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     st = _Static(s_q=s_q, heads_per_kv=g, rows=rows, h_kv=h_kv, causal=causal,
                  scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots,
                  pairs=config.pair_pages, in_place=config.accumulate_in_place,
-                 ping_pong=config.ping_pong)
+                 ping_pong=config.ping_pong, fp8=k_cache.dtype == jnp.uint8)
+    if st.fp8:    # three views of the 656-byte tokens for the kernel's three TMA copies (bitcasts)
+        lead = k_cache.shape[:-1]
+        k_views = (lax.bitcast_convert_type(k_cache, jnp.float8_e4m3fn),
+                   lax.bitcast_convert_type(k_cache.reshape(*lead, FP8_TOKEN_BYTES // 2, 2), jnp.bfloat16),
+                   lax.bitcast_convert_type(k_cache.reshape(*lead, FP8_TOKEN_BYTES // 4, 4), jnp.float32))
+    else:
+        k_views = (k_cache,)
     rp = m_tiles * 64
     kernel = plgpu.kernel(
         functools.partial(_kernel, st),
@@ -577,12 +689,15 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
         thread_name="wg",
         # pair_pages needs 1 KiB of the 2 KiB that Pallas reserves by default for cross-warp
         # reductions; this kernel's reductions are over WGMMA rows, within a warp.
+        # With an FP8 cache the staging page leaves 0.9 KiB: no reduction scratch, which this
+        # kernel's in-warp reductions do not use.
         compiler_params=plgpu.CompilerParams(
-            approx_math=True, **(dict(reduction_scratch_bytes=1024) if config.pair_pages else {})),
+            approx_math=True, **(dict(reduction_scratch_bytes=1024) if config.pair_pages else
+                                 dict(reduction_scratch_bytes=0) if st.fp8 else {})),
         **_interpret_kwargs(interpret),
     )
     with _interpret_shims(interpret):
-        o_part, lse_part = kernel(metadata, cache_seqlens, block_table, q_chunks, k_cache)
+        o_part, lse_part = kernel(metadata, cache_seqlens, block_table, q_chunks, *k_views)
     out, lse = _combine(o_part, lse_part)                  # [B, Hkv, Rp, Dv], [B, Hkv, Rp]
     out = out[:, :, :rows].reshape(batch, h_kv, s_q, g, D_V).transpose(0, 2, 1, 3, 4)
     lse = lse[:, :, :rows].reshape(batch, h_kv, s_q, g).transpose(0, 1, 3, 2)

@@ -30,6 +30,12 @@ class Case:
     pairs: bool = False          # TuningConfig.pair_pages
     in_place: bool = True        # TuningConfig.accumulate_in_place
     ping_pong: bool = False      # TuningConfig.ping_pong
+    in_kernel: bool = False      # TuningConfig.dequantize_in_kernel (with fp8)
+
+    def config(self) -> fm.TuningConfig:
+        return fm.TuningConfig(num_sm_parts=self.num_sm_parts, pair_pages=self.pairs,
+                               accumulate_in_place=self.in_place, ping_pong=self.ping_pong,
+                               dequantize_in_kernel=self.in_kernel)
 
 
 CASES = [
@@ -49,6 +55,11 @@ CASES = [
     # last pages
     Case("ping_pong_causal_sq2_h16", (130, 0, 65), s_q=2, h_q=16, causal=True, num_sm_parts=6,
          ping_pong=True),
+    # The FP8 cache read and dequantised by the kernel itself: two splits (the second ends
+    # mid-page), an empty sequence (empty splits), causal s_q = 2. The unused slots' 0xFF bytes
+    # are NaN codes, NaN scales and NaN rope values in the FP8 slots.
+    Case("fp8_in_kernel_causal_sq2_h16", (65, 0), s_q=2, h_q=16, causal=True, fp8=True,
+         num_sm_parts=4, in_kernel=True),
     # O += P V into a fresh accumulator per chunk (the suite's A/B against the in-place default)
     Case("fresh_acc_causal_sq2_h16", (130, 0, 70), s_q=2, h_q=16, causal=True, num_sm_parts=4,
          in_place=False),
@@ -126,10 +137,8 @@ def check(name, out, lse, out_gt, lse_gt):
 
 
 def run_kernel(case, args, interpret=True):
-    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs,
-                             accumulate_in_place=case.in_place, ping_pong=case.ping_pong)
     return fm.flash_mla_with_kvcache(*args, causal=case.causal, interpret=interpret,
-                                     config=config)
+                                     config=case.config())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -146,22 +155,24 @@ def test_kernel_interpreted_vs_float64(case, report):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_lowers_for_cuda(case):
     args, _, _ = make_case(case)
-    config = fm.TuningConfig(num_sm_parts=case.num_sm_parts, pair_pages=case.pairs,
-                             accumulate_in_place=case.in_place, ping_pong=case.ping_pong)
+    config = case.config()
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=case.causal, config=config)
     assert "mosaic_gpu" in lower_for_cuda(fn, *args)
 
 
-@pytest.mark.parametrize("variant", ["default", "pair_pages", "ping_pong"])
+@pytest.mark.parametrize("variant", ["default", "pair_pages", "ping_pong", "fp8_in_kernel"])
 @pytest.mark.parametrize("s_q", [1, 2])
 def test_benchmark_shapes_lower_for_cuda(s_q, variant):
     """FlashMLA's benchmark shape (b = 128, s_k = 32768, h_q = 128) with 132 SMs, abstractly."""
     b, pages = 128, 32768 // fm.PAGE
+    fp8 = variant == "fp8_in_kernel"
     args = (jax.ShapeDtypeStruct((b, s_q, 128, fm.D_QK), jnp.bfloat16),
-            jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.D_QK), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.FP8_TOKEN_BYTES if fp8 else fm.D_QK),
+                                 jnp.uint8 if fp8 else jnp.bfloat16),
             jax.ShapeDtypeStruct((b, pages), jnp.int32),
             jax.ShapeDtypeStruct((b,), jnp.int32))
-    config = fm.TuningConfig(pair_pages=variant == "pair_pages", ping_pong=variant == "ping_pong")
+    config = fm.TuningConfig(pair_pages=variant == "pair_pages", ping_pong=variant == "ping_pong",
+                             dequantize_in_kernel=fp8)
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=s_q > 1, config=config)
     assert "mosaic_gpu" in lower_for_cuda(fn, *args)
 
@@ -258,6 +269,9 @@ def test_tuning_config_rejects_bad_blocks():
         fm.TuningConfig(num_slots=1, pair_pages=True)
     with pytest.raises(ValueError, match="set one of them"):
         fm.TuningConfig(pair_pages=True, ping_pong=True)
+    for other in (dict(pair_pages=True), dict(ping_pong=True)):
+        with pytest.raises(ValueError, match="dequantize_in_kernel runs the default schedule"):
+            fm.TuningConfig(dequantize_in_kernel=True, **other)
 
 
 def test_benchmark_entries_cover_flash_mla_shapes():
@@ -369,12 +383,14 @@ def test_interpret_shim_reinstalled_after_the_wgmma_callback_is_swapped():
     check(RING.name, out, lse, *ground_truth(args[0], values, table, args[3], RING.causal))
 
 
-@pytest.mark.parametrize("variant", ["default", "pair_pages", "ping_pong"])
+@pytest.mark.parametrize("variant", ["default", "pair_pages", "ping_pong", "fp8_in_kernel"])
 def test_barrier_protocol_under_random_delays(monkeypatch, variant):
     """Every barrier wait has its arrivals in any interleaving: random sleeps around the
     interpreter's barrier arrive/wait (TMA completions arrive through the same method) must
     neither hang nor trip its phase checks. A hang here is caught by a watchdog. With
-    pair_pages the two consumers also exchange row maxima and P through SMEM every pair."""
+    pair_pages the two consumers also exchange row maxima and P through SMEM every pair; with
+    fp8_in_kernel they meet twice a page around the shared staging page, and each FP8 page
+    arrives by six copies on one barrier."""
     import random
     import threading
     import time
@@ -399,7 +415,8 @@ def test_barrier_protocol_under_random_delays(monkeypatch, variant):
 
     monkeypatch.setattr(shared_memory.Barrier, "wait", slow_wait)
     monkeypatch.setattr(shared_memory.Barrier, "arrive", slow_arrive)
-    ring = dataclasses.replace(RING, pairs=variant == "pair_pages", ping_pong=variant == "ping_pong")
+    ring = dataclasses.replace(RING, pairs=variant == "pair_pages", ping_pong=variant == "ping_pong",
+                               fp8=variant == "fp8_in_kernel", in_kernel=variant == "fp8_in_kernel")
     args, values, table = make_case(ring)
     result = []
     worker = threading.Thread(target=lambda: result.append(jax.block_until_ready(run_kernel(ring, args))), daemon=True)

@@ -64,8 +64,10 @@ def _flash_mla(s_q: int, **config):
     """The suite's first FlashMLA shape (b = 128, s_k = 4096, h_q = 128): the split schedule, and
     so the code ptxas allocates for, depends on the batch and lengths."""
     b, pages = 128, 4096 // fm.PAGE
+    fp8 = config.get("dequantize_in_kernel", False)
     args = (jax.ShapeDtypeStruct((b, s_q, 128, fm.D_QK), jnp.bfloat16),
-            jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.D_QK), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b * pages, fm.PAGE, 1, fm.FP8_TOKEN_BYTES if fp8 else fm.D_QK),
+                                 jnp.uint8 if fp8 else jnp.bfloat16),
             jax.ShapeDtypeStruct((b, pages), jnp.int32),
             jax.ShapeDtypeStruct((b,), jnp.int32))
     fn = lambda *a: fm.flash_mla_with_kvcache(*a, causal=s_q > 1, config=fm.TuningConfig(**config))
@@ -99,6 +101,8 @@ def test_kernels_compile_for_sm90a_within_their_spill_budgets(toolchain, monkeyp
         ("flash_mla s_q=2 causal pair_pages", *_flash_mla(2, pair_pages=True), [(444, 40)]),
         # the ping-pong schedule barrier holds nothing more in registers than the default
         ("flash_mla s_q=2 causal ping_pong", *_flash_mla(2, ping_pong=True), [(32, 8)]),
+        # the FP8 cache dequantised in the kernel: swizzled fp8 load addresses held across pages
+        ("flash_mla s_q=1 fp8 dequantize_in_kernel", *_flash_mla(1, dequantize_in_kernel=True), [(200, 42)]),
         # forward, dQ, dK/dV: dK and dV (64 x 192 and 64 x 128 f32) hold 160 registers a thread.
         ("mla_attention forward + backward", *_mla_attention_grad(), [(0, 0), (0, 0), (88, 20)]),
         ("fp8_gemm_nt block_m=64", *_fp8_gemm(64), [(0, 0)]),

@@ -38,15 +38,15 @@ Known costs of this first version (not yet measured on a GPU):
 - split partials are stored in bf16 through Q's SMEM (Q + 2 pages use 216 of 227 KiB, so there
   is no room for an f32 staging tile); FlashMLA keeps them in f32;
 - the FP8 cache is dequantised to bf16 by XLA before the kernel (only the pages the block table
-  names, or the pool if that is smaller), so it saves cache memory but not kernel bandwidth.
-  `TuningConfig(dequantize_in_kernel=True)` reads the 656-byte tokens in the kernel instead:
-  six TMA copies a page into two FP8 slots (a 656-byte row takes no tiled copy, so the latent
-  goes as four 128-byte-wide untiled copies swizzled by the TMA unit, and the rope and scales
-  as two more), and each consumer dequantises its V half into one bf16 staging page (warpgroup
-  1 also moves the rope there) that S and PV read. Q + 2 FP8 pages + the staging page: 226 of
-  227 KiB. Two barriers a page; ptxas spills 200 bytes (41 spill loads in a page step of
-  some 1,550 instructions: swizzled load addresses held across the loop). Off until a GPU
-  run times it against the XLA-dequantised path (the suite's fp8 entries).
+  names, or the pool if that is smaller), so it saves cache memory but not kernel bandwidth:
+  656 bytes read, 1,152 written and 1,152 read again a token. `TuningConfig(
+  dequantize_in_kernel=True)` has XLA only split those pages by field (latent e4m3, rope bf16,
+  scales f32: 656 read and written), and the kernel reads the 656 bytes: six TMA copies a page
+  into two FP8 slots, and each consumer dequantises its V half into one bf16 staging page that
+  S and PV read. Q + 2 FP8 pages + the staging page: 218 of 227 KiB; two barriers a page.
+  Reading FlashMLA's packed rows directly would need typed views of one buffer, which neither
+  a Mosaic GPU copy nor XLA gives for free (`_split_fp8_pages`). Off until a GPU run times it
+  against the XLA-dequantised path (the suite's fp8 entries).
 """
 
 from __future__ import annotations
@@ -103,11 +103,12 @@ class TuningConfig:
     # cores (by default both compute S, then both run softmax, leaving the tensor cores idle).
     # Off until a GPU run has timed it (the suite's sweep entries).
     ping_pong: bool = False
-    # FP8 caches only: the kernel reads the 656-byte tokens itself (latent e4m3, scales, rope by
-    # TMA into two FP8 slots) and each consumer warpgroup dequantises its V half of the page into
-    # one bf16 staging page, which S and PV then read. False: XLA dequantises the table's pages
-    # to bf16 first and the bf16 kernel runs (1,152 bytes written and read again a token, on top
-    # of the 656 read). Off until a GPU run has timed it (the suite's fp8 entries, side by side).
+    # FP8 caches only: XLA splits the table's pages by field (latent e4m3, rope, scales: 656
+    # bytes a token read and written), the kernel reads them by TMA into two FP8 slots, and each
+    # consumer warpgroup dequantises its V half of the page into one bf16 staging page, which S
+    # and PV then read. False: XLA dequantises the pages to bf16 first and the bf16 kernel runs
+    # (656 read, 1,152 written and read again). Off until a GPU run has timed it (the suite's
+    # fp8 entries, side by side).
     dequantize_in_kernel: bool = False
 
     def __post_init__(self):
@@ -154,8 +155,9 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
     seqlens_gmem int32 [B]
     table_gmem   int32 [B, M]
     q_gmem       bf16  [B, Hkv, Rp / 64, D / 64, 64, 64]   Q in 64 x 64 chunks
-    rest         k_gmem bf16 [N, P, Hkv, D], or with st.fp8 three views of the FP8 cache's bytes:
-                 e4m3 [N, P, Hkv, 656], bf16 [N, P, Hkv, 328], f32 [N, P, Hkv, 164]; then
+    rest         k_gmem bf16 [N, P, Hkv, D], or with st.fp8 the FP8 cache's fields
+                 (`_split_fp8_pages`): e4m3 [N, P, Hkv, 512], bf16 [N, P, Hkv, 64], f32
+                 [N, P, Hkv, 4]; then
     o_gmem       bf16  [B, Hkv, S, Rp, Dv]   partial outputs (normalised within the split)
     lse_gmem     f32   [B, Hkv, S, Rp]       natural-log lse of each split (-inf if empty)
     """
@@ -177,9 +179,8 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
         # exchanged row statistics and then the lse row, and done_bar also the three exchange
         # barriers (the SMEM budget has no room for separate allocations). With st.fp8, k_smem
         # is (latent e4m3 [slots, Dv / 128, P, 128], rope bf16 [slots, P, 64], scales f32
-        # [slots, P, 4], bf16 staging page [P, D]), done_bar also the staging barriers, and
-        # there is no vec_smem (every allocation takes whole KiB, and the budget has 0.9 KiB
-        # left): the lse goes from registers to GMEM.
+        # [slots, P, 4], bf16 staging page [P, Dv]), done_bar also the staging barriers, and
+        # there is no vec_smem: the lse goes from registers to GMEM.
         p_smem, scratch = (scratch[0], scratch[1:]) if st.pairs else (None, scratch)
         if st.fp8:
             k_smem, scratch = (k_smem, *scratch[:3]), (None, *scratch[3:])
@@ -197,18 +198,16 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
                     plgpu.copy_gmem_to_smem(k_gmems[0].at[page, :, kvh], k_smem.at[slot],
                                             k_bars.at[slot])
                     return
-                # One token's 656 bytes: latent e4m3 (0..511), 4 f32 scales (512..527), rope
-                # bf16 (528..655). A 656-byte row is no whole number of 128-byte tiles, so no
-                # tiled copy can take it: six untiled copies (128-byte rows, swizzled by the
-                # TMA unit) on one barrier.
+                # A token's latent (512 e4m3: four untiled copies of 128-byte rows, swizzled
+                # by the TMA unit, which the packed 656-byte rows would also allow once a copy
+                # can take typed views of one buffer), rope (64 bf16) and 4 f32 scales: six
+                # copies on one barrier.
                 (lat_gmem, rope_gmem, scale_gmem), (lat_smem, rope_smem, scale_smem, _) = k_gmems, k_smem
                 for t in range(D_V // FP8_TILE):
                     plgpu.copy_gmem_to_smem(lat_gmem.at[page, :, kvh, pl.ds(t * FP8_TILE, FP8_TILE)],
                                             lat_smem.at[slot, t], k_bars.at[slot])
-                plgpu.copy_gmem_to_smem(rope_gmem.at[page, :, kvh, pl.ds((D_V + 16) // 2, D_ROPE)],
-                                        rope_smem.at[slot], k_bars.at[slot])
-                plgpu.copy_gmem_to_smem(scale_gmem.at[page, :, kvh, pl.ds(D_V // 4, D_V // FP8_TILE)],
-                                        scale_smem.at[slot], k_bars.at[slot])
+                plgpu.copy_gmem_to_smem(rope_gmem.at[page, :, kvh], rope_smem.at[slot], k_bars.at[slot])
+                plgpu.copy_gmem_to_smem(scale_gmem.at[page, :, kvh], scale_smem.at[slot], k_bars.at[slot])
 
             for i in range(st.slots):
                 pl.when(i < steps)(functools.partial(fetch, i, i))
@@ -235,12 +234,12 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
             _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
                         lse_gmem)
 
-    if st.fp8:    # Q 72 + two FP8 pages 2 x 41 + the bf16 staging page 72 KiB: 226 of 227 KiB
+    if st.fp8:    # Q 72 + two FP8 pages 2 x 41 + the bf16 staging page 64 KiB: 218 of 227 KiB
         pages = (plgpu.SMEM((st.slots, D_V // FP8_TILE, PAGE, FP8_TILE), jnp.float8_e4m3fn,
                             transforms=(swizzle,)),
-                 plgpu.SMEM((st.slots, PAGE, D_ROPE), jnp.bfloat16, transforms=(swizzle,)),
+                 plgpu.SMEM((st.slots, PAGE, D_ROPE), jnp.bfloat16, transforms=(tiling, swizzle)),
                  plgpu.SMEM((st.slots, PAGE, D_V // FP8_TILE), jnp.float32),
-                 plgpu.SMEM((PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)))
+                 plgpu.SMEM((PAGE, D_V), jnp.bfloat16, transforms=(tiling, swizzle)))
     else:
         pages = (plgpu.SMEM((st.slots, PAGE, D_QK), jnp.bfloat16, transforms=(tiling, swizzle)),)
     pl.run_scoped(
@@ -280,10 +279,8 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
     after its last page, so both pass it equally often (an empty split too).
 
     st.fp8: k_smem is (latent e4m3 slots, rope bf16 slots, scale slots, bf16 staging page). Each
-    warpgroup dequantises its V half of the page into the staging page (stale rows as 0), and
-    warpgroup 1 also copies the rope there (wgmma takes only tiled operands, and the rope's
-    offset, 528 bytes into the token, rules out a tiled copy). They meet (x_bars[1]); S reads
-    the staging page, PV the warpgroup's own half.
+    warpgroup dequantises its V half of the page into the staging page (stale rows as 0). They
+    meet (x_bars[1]); S reads the staging page and the rope slot, PV the warpgroup's own half.
     After S the FP8 slot goes back to the producer and each warpgroup arrives at x_bars[2]; it
     waits there after its PV, so that neither overwrites its half for the next page while the
     other's S may still read it.
@@ -318,7 +315,8 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
         """Columns c * 64 .. c * 64 + 63 of the page's K ([P, 64] in SMEM)."""
         if not st.fp8:
             return k_smem.at[slot, :, pl.ds(c * 64, 64)]
-        return k_smem[3].at[:, pl.ds(c * 64, 64)]                     # the staging page
+        _, rope_smem, _, stage_smem = k_smem
+        return rope_smem.at[slot] if c == D_V // 64 else stage_smem.at[:, pl.ds(c * 64, 64)]
 
     def scores(slot, page):
         """S for one page of the split, scaled to log2 units, -inf where masked."""
@@ -375,29 +373,23 @@ def _consume(st, wg, m_idx, first, steps, seqlen, q_smem, k_smem, q_bar, k_bars,
 
     def dequantize(slot, page):
         """This warpgroup's V half of the FP8 page -> the bf16 staging page, stale rows as 0 (the
-        tail of a partial page may hold NaN codes or scales; P is 0 there, but 0 * NaN is NaN);
-        warpgroup 1 also copies the rope. Rounding as `dequantize_kv_cache_fp8`: e4m3 -> f32
-        exactly, times the scale in f32, one rounding to bf16."""
-        lat_smem, rope_smem, scale_smem, stage_smem = k_smem
+        tail of a partial page may hold NaN codes or scales; P is 0 there, but 0 * NaN is NaN).
+        Rounding as `dequantize_kv_cache_fp8`: e4m3 -> f32 exactly, times the scale in f32, one
+        rounding to bf16."""
+        lat_smem, _, scale_smem, stage_smem = k_smem
         row = plgpu.broadcasted_iota(jnp.int32, (PAGE,), 0, layout=wgmma_layout.reduce(1))
         valid = row < seqlen - (first + page) * PAGE                    # [P] bool
         for t in range(half // FP8_TILE):
             tile = wg * (half // FP8_TILE) + t
-            # Four codes a 32-bit load (WGMMA_UPCAST_2X), then a shuffle and a byte permute to the
-            # WGMMA layout: ptxas spilled 240 bytes with the WGMMA layout's 16-bit loads, each a
-            # swizzled address of its own held across the page loop, against 200 this way.
-            codes = plgpu.layout_cast(lat_smem.at[slot, tile][...], plgpu.Layout.WGMMA_UPCAST_2X)
-            codes = plgpu.layout_cast(codes, wgmma_layout)                 # e4m3 [P, 128]
+            # (the layout_cast right after the load makes it a WGMMA-layout load from the
+            # swizzled rows; 32-bit loads as WGMMA_UPCAST_2X and a relayout spilled as much and
+            # ran 38 more instructions a page)
+            codes = plgpu.layout_cast(lat_smem.at[slot, tile][...], wgmma_layout)  # e4m3 [P, 128]
             scale = plgpu.layout_cast(scale_smem.at[slot][:, tile], wgmma_layout.reduce(1))
             x = codes.astype(jnp.float16).astype(jnp.float32)              # e4m3 -> f16 exactly
             x = x * lax.broadcast_in_dim(scale, x.shape, [0])
             x = jnp.where(lax.broadcast_in_dim(valid, x.shape, [0]), x, jnp.zeros_like(x))
             stage_smem.at[:, pl.ds(tile * FP8_TILE, FP8_TILE)][...] = x.astype(jnp.bfloat16)
-
-        @pl.when(wg == 1)
-        def _():
-            stage_smem.at[:, pl.ds(D_V, D_ROPE)][...] = plgpu.layout_cast(
-                rope_smem.at[slot][...], wgmma_layout)
         plgpu.commit_smem()                                             # read by wgmma next
 
     def page_step(step, carry):
@@ -638,8 +630,9 @@ def flash_mla_with_kvcache(
                          f"{tile_scheduler_metadata.shape}")
     if softmax_scale is None:
         softmax_scale = D_QK ** -0.5
-    if k_cache.dtype == jnp.uint8 and not config.dequantize_in_kernel:
-        k_cache, block_table = _dequantized_pages(k_cache, block_table)
+    if k_cache.dtype == jnp.uint8:
+        k_cache, block_table = (_split_fp8_pages if config.dequantize_in_kernel else
+                                _dequantized_pages)(k_cache, block_table)
     if interpret:
         # Here, outside `_flash_mla`'s jit: a cached trace of `_flash_mla` skips its body, and
         # the interpreter binds whatever wgmma callback is current when it lowers.
@@ -653,7 +646,9 @@ def flash_mla_with_kvcache(
 def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scale, causal,
                interpret, config):
     batch, s_q, h_q, _ = q.shape
-    h_kv = k_cache.shape[2]
+    fp8 = isinstance(k_cache, tuple)                   # (latent e4m3, rope bf16, scales f32)
+    k_views = k_cache if fp8 else (k_cache,)
+    h_kv = k_views[0].shape[2]
     g = h_q // h_kv
     rows = s_q * g
     m_tiles = pl.cdiv(rows, config.block_m)
@@ -670,14 +665,7 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
     st = _Static(s_q=s_q, heads_per_kv=g, rows=rows, h_kv=h_kv, causal=causal,
                  scale_log2=softmax_scale * math.log2(math.e), slots=config.num_slots,
                  pairs=config.pair_pages, in_place=config.accumulate_in_place,
-                 ping_pong=config.ping_pong, fp8=k_cache.dtype == jnp.uint8)
-    if st.fp8:    # three views of the 656-byte tokens for the kernel's three TMA copies (bitcasts)
-        lead = k_cache.shape[:-1]
-        k_views = (lax.bitcast_convert_type(k_cache, jnp.float8_e4m3fn),
-                   lax.bitcast_convert_type(k_cache.reshape(*lead, FP8_TOKEN_BYTES // 2, 2), jnp.bfloat16),
-                   lax.bitcast_convert_type(k_cache.reshape(*lead, FP8_TOKEN_BYTES // 4, 4), jnp.float32))
-    else:
-        k_views = (k_cache,)
+                 ping_pong=config.ping_pong, fp8=fp8)
     rp = m_tiles * 64
     kernel = plgpu.kernel(
         functools.partial(_kernel, st),
@@ -689,11 +677,8 @@ def _flash_mla(q, k_cache, block_table, cache_seqlens, metadata, *, softmax_scal
         thread_name="wg",
         # pair_pages needs 1 KiB of the 2 KiB that Pallas reserves by default for cross-warp
         # reductions; this kernel's reductions are over WGMMA rows, within a warp.
-        # With an FP8 cache the staging page leaves 0.9 KiB: no reduction scratch, which this
-        # kernel's in-warp reductions do not use.
         compiler_params=plgpu.CompilerParams(
-            approx_math=True, **(dict(reduction_scratch_bytes=1024) if config.pair_pages else
-                                 dict(reduction_scratch_bytes=0) if st.fp8 else {})),
+            approx_math=True, **(dict(reduction_scratch_bytes=1024) if config.pair_pages else {})),
         **_interpret_kwargs(interpret),
     )
     with _interpret_shims(interpret):
@@ -756,6 +741,27 @@ def _dequantized_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Arr
     pages = jnp.clip(block_table, 0, k_fp8.shape[0] - 1).reshape(-1)
     renumbered = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
     return dequantize_kv_cache_fp8(k_fp8[pages]), renumbered
+
+
+def _split_fp8_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Array, "B M"]):
+    """((latent e4m3 [n, P, Hkv, 512], rope bf16 [n, P, Hkv, 64], scales f32 [n, P, Hkv, 4]),
+    block table) for `dequantize_in_kernel`: the B x M pages the table names (renumbered, as in
+    `_dequantized_pages`), or the whole pool if that is smaller, split by field in one XLA pass
+    (656 bytes read and written a token; the kernel then reads 656).
+
+    Why not the packed array itself: a Mosaic GPU copy moves one dtype (the 656 bytes hold
+    three), and typed views of the one buffer would be no cheaper: XLA expands a bitcast that
+    changes the element width into arithmetic over the whole array (BitcastDtypesExpander, seen
+    in XLA:CPU's compiled HLO; the GPU pipeline runs the same pass)."""
+    batch, width = block_table.shape
+    if batch * width < k_fp8.shape[0]:
+        k_fp8 = k_fp8[jnp.clip(block_table, 0, k_fp8.shape[0] - 1).reshape(-1)]
+        block_table = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+    lead = k_fp8.shape[:-1]
+    latent = lax.bitcast_convert_type(k_fp8[..., :D_V], jnp.float8_e4m3fn)
+    scales = lax.bitcast_convert_type(k_fp8[..., D_V:D_V + 16].reshape(*lead, 4, 4), jnp.float32)
+    rope = lax.bitcast_convert_type(k_fp8[..., D_V + 16:].reshape(*lead, D_ROPE, 2), jnp.bfloat16)
+    return (latent, rope, scales), block_table
 
 
 def dequantize_kv_cache_fp8(k_fp8: Shaped[Array, "N P Hkv 656"]) -> Float[Array, "N P Hkv 576"]:

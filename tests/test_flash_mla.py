@@ -200,32 +200,39 @@ def test_fp8_round_trip():
     assert rel < 0.05, rel                                           # e4m3: 3 mantissa bits
 
 
-def _dequantised_pages(fn, *args) -> int:
-    """The most bf16 cache pages ([..., P, Hkv, 576] values) any one array in fn's jaxpr holds."""
+def _dequantised_pages(fn, *args, dtype=jnp.bfloat16, width=fm.D_QK) -> int:
+    """The most bf16 cache pages ([..., P, Hkv, 576] values; or of `dtype` and `width`) any one
+    array in fn's jaxpr holds."""
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             for var in eqn.outvars:
                 aval = var.aval
-                if getattr(aval, "dtype", None) == jnp.bfloat16 and aval.shape[-3:] == (fm.PAGE, 1, fm.D_QK):
-                    yield aval.size // (fm.PAGE * fm.D_QK)
+                if getattr(aval, "dtype", None) == dtype and aval.shape[-3:] == (fm.PAGE, 1, width):
+                    yield aval.size // (fm.PAGE * width)
             for sub in jax.core.jaxprs_in_params(eqn.params):
                 yield from walk(sub)
     return max(walk(jax.make_jaxpr(fn)(*args).jaxpr), default=0)
 
 
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("path", ["kernel", "reference", "in_kernel"])
 def test_fp8_cache_dequantises_the_sequences_pages_not_the_pool(path):
-    """A serving pool holds every layer's pages; the FP8 path dequantises only the B x M pages the
-    block table names (here 2 x 3 of a 512-page pool), so its cost does not grow with the pool."""
+    """A serving pool holds every layer's pages; the FP8 path dequantises (with
+    dequantize_in_kernel: splits by field) only the B x M pages the block table names (here
+    2 x 3 of a 512-page pool), so its cost does not grow with the pool."""
     b, width, pool = 2, 3, 512
     args = (jnp.zeros((b, 1, 16, fm.D_QK), jnp.bfloat16),
             jnp.zeros((pool, fm.PAGE, 1, fm.FP8_TOKEN_BYTES), jnp.uint8),
             jnp.zeros((b, width), jnp.int32), jnp.array([100, 150], jnp.int32))
-    fn = fm.flash_mla_with_kvcache if path == "kernel" else fm.flash_mla_reference
-    assert _dequantised_pages(fn, *args) == b * width
-    if path == "kernel":                       # a pool smaller than B x M: the pool, once
+    fn = fm.flash_mla_with_kvcache if path != "reference" else fm.flash_mla_reference
+    count = _dequantised_pages
+    if path == "in_kernel":
+        fn = functools.partial(fn, config=fm.TuningConfig(dequantize_in_kernel=True))
+        count = functools.partial(_dequantised_pages, dtype=jnp.float8_e4m3fn, width=fm.D_V)
+        assert _dequantised_pages(fn, *args) == 0          # no bf16 pages outside the kernel
+    assert count(fn, *args) == b * width
+    if path != "reference":                    # a pool smaller than B x M: the pool, once
         small = (args[0], args[1][: b * width - 1], *args[2:])
-        assert _dequantised_pages(fn, *small) == b * width - 1
+        assert count(fn, *small) == b * width - 1
 
 
 def test_dispatch_uses_reference_on_cpu():

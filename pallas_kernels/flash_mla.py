@@ -179,11 +179,10 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
         # exchanged row statistics and then the lse row, and done_bar also the three exchange
         # barriers (the SMEM budget has no room for separate allocations). With st.fp8, k_smem
         # is (latent e4m3 [slots, Dv / 128, P, 128], rope bf16 [slots, P, 64], scales f32
-        # [slots, P, 4], bf16 staging page [P, Dv]), done_bar also the staging barriers, and
-        # there is no vec_smem: the lse goes from registers to GMEM.
+        # [slots, P, 4], bf16 staging page [P, Dv]) and done_bar also the staging barriers.
         p_smem, scratch = (scratch[0], scratch[1:]) if st.pairs else (None, scratch)
         if st.fp8:
-            k_smem, scratch = (k_smem, *scratch[:3]), (None, *scratch[3:])
+            k_smem, scratch = (k_smem, *scratch[:3]), scratch[3:]
         vec_smem, q_bar, k_bars, consumed_bars, done_bar = scratch
         lse_smem = vec_smem.at[2] if st.pairs else vec_smem
         # q_smem [D / 64, 64, 64] bf16 (Q in chunks); k_smem [slots, P, D] bf16.
@@ -234,7 +233,8 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
             _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
                         lse_gmem)
 
-    if st.fp8:    # Q 72 + two FP8 pages 2 x 41 + the bf16 staging page 64 KiB: 218 of 227 KiB
+    if st.fp8:    # Q 72 + two FP8 pages 2 x 41 + the bf16 staging page 64 KiB: 218 of 227 KiB,
+        # 221 with the lse row, the barriers and the reduction scratch
         pages = (plgpu.SMEM((st.slots, D_V // FP8_TILE, PAGE, FP8_TILE), jnp.float8_e4m3fn,
                             transforms=(swizzle,)),
                  plgpu.SMEM((st.slots, PAGE, D_ROPE), jnp.bfloat16, transforms=(tiling, swizzle)),
@@ -247,7 +247,7 @@ def _kernel(st: _Static, sched_gmem, seqlens_gmem, table_gmem, q_gmem, *rest):
         plgpu.SMEM((D_QK // 64, 64, 64), jnp.bfloat16, transforms=(tiling, swizzle)),
         *pages,
         *([plgpu.SMEM((64, PAGE), jnp.bfloat16, transforms=(tiling, swizzle))] if st.pairs else []),
-        *([] if st.fp8 else [plgpu.SMEM((3, 64) if st.pairs else (64,), jnp.float32)]),
+        plgpu.SMEM((3, 64) if st.pairs else (64,), jnp.float32),
         plgpu.Barrier(num_barriers=1),
         plgpu.Barrier(num_arrivals=D_V // FP8_TILE + 2 if st.fp8 else 1, num_barriers=st.slots),
         plgpu.Barrier(num_arrivals=2, num_barriers=st.slots),
@@ -473,21 +473,16 @@ def _row_vector(ref):
 
 def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_gmem,
                 lse_gmem):
-    """Normalise this warpgroup's half and store it (via Q's SMEM chunks) with the lse (via
-    lse_smem, or straight from registers when it is None)."""
+    """Normalise this warpgroup's half and store it (via Q's SMEM chunks) with the lse."""
     per_wg = len(o_acc)
     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
     for c, o_c in enumerate(o_acc):                                    # [64, 64] each
         o = o_c / lax.broadcast_in_dim(l_safe, o_c.shape, [0])
         q_smem.at[wg * per_wg + c][...] = o.astype(jnp.bfloat16)
-    lse = (m_i + jnp.log2(l_i)) * math.log(2.0)                        # -inf when empty
 
     @pl.when(wg == 0)
     def _():
-        if lse_smem is None:
-            lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)][...] = lse
-        else:
-            lse_smem[...] = lse
+        lse_smem[...] = (m_i + jnp.log2(l_i)) * math.log(2.0)        # -inf when empty
 
     plgpu.commit_smem()
     for c in range(per_wg):
@@ -496,9 +491,9 @@ def _write_back(wg, b, kvh, split, m_idx, o_acc, m_i, l_i, q_smem, lse_smem, o_g
             q_smem.at[chunk],
             o_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64), pl.ds(chunk * 64, 64)])
 
-    if lse_smem is not None:
-        pl.when(wg == 0)(lambda: plgpu.copy_smem_to_gmem(
-            lse_smem, lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)]))
+    @pl.when(wg == 0)
+    def _():
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[b, kvh, split, pl.ds(m_idx * 64, 64)])
 
     plgpu.wait_smem_to_gmem(0)
 

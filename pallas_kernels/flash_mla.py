@@ -725,38 +725,47 @@ def quantize_kv_cache_fp8(k_cache: Shaped[Array, "N P Hkv 576"]) -> Shaped[Array
     return jnp.concatenate(parts, axis=-1)
 
 
-def _dequantized_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Array, "B M"]):
-    """(bf16 pages, block table) for the kernel from an FP8 cache: the B x M pages the table names,
-    dequantised and renumbered 0 .. B*M-1, where that is fewer than the pool's N (a serving pool,
-    with every layer's pages, holds far more: dequantising all of it per call cost O(pool)); else
-    the whole pool. Table entries past a sequence's pages are clamped; the kernel never reads them."""
+def _table_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Array, "B M"]):
+    """(pages, block table) for the kernel from an FP8 cache: the B x M pages the table names,
+    renumbered 0 .. B*M-1, where that is fewer than the pool's N (a serving pool, with every
+    layer's pages, holds far more: converting all of it per call cost O(pool)); else the whole
+    pool and the table. Table entries past a sequence's pages are clamped; the kernel never
+    reads them."""
     batch, width = block_table.shape
     if batch * width >= k_fp8.shape[0]:
-        return dequantize_kv_cache_fp8(k_fp8), block_table
+        return k_fp8, block_table
     pages = jnp.clip(block_table, 0, k_fp8.shape[0] - 1).reshape(-1)
-    renumbered = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
-    return dequantize_kv_cache_fp8(k_fp8[pages]), renumbered
+    return k_fp8[pages], jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+
+
+def _dequantized_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Array, "B M"]):
+    """(bf16 pages, block table): `_table_pages`, dequantised."""
+    pages, block_table = _table_pages(k_fp8, block_table)
+    return dequantize_kv_cache_fp8(pages), block_table
 
 
 def _split_fp8_pages(k_fp8: Shaped[Array, "N P Hkv 656"], block_table: Int[Array, "B M"]):
     """((latent e4m3 [n, P, Hkv, 512], rope bf16 [n, P, Hkv, 64], scales f32 [n, P, Hkv, 4]),
-    block table) for `dequantize_in_kernel`: the B x M pages the table names (renumbered, as in
-    `_dequantized_pages`), or the whole pool if that is smaller, split by field in one XLA pass
-    (656 bytes read and written a token; the kernel then reads 656).
+    block table) for `dequantize_in_kernel`: `_table_pages` split by field in one XLA pass (656
+    bytes read and written a token; the kernel then reads 656).
 
     Why not the packed array itself: a Mosaic GPU copy moves one dtype (the 656 bytes hold
     three), and typed views of the one buffer would be no cheaper: XLA expands a bitcast that
     changes the element width into arithmetic over the whole array (BitcastDtypesExpander, seen
     in XLA:CPU's compiled HLO; the GPU pipeline runs the same pass)."""
-    batch, width = block_table.shape
-    if batch * width < k_fp8.shape[0]:
-        k_fp8 = k_fp8[jnp.clip(block_table, 0, k_fp8.shape[0] - 1).reshape(-1)]
-        block_table = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+    pages, block_table = _table_pages(k_fp8, block_table)
+    codes, scales, rope = _fp8_fields(pages)
+    return (codes, rope, scales), block_table
+
+
+def _fp8_fields(k_fp8: Shaped[Array, "... 656"]):
+    """The fields of FlashMLA's FP8 token: (codes e4m3 [..., 512], scales f32 [..., 4],
+    rope bf16 [..., 64])."""
     lead = k_fp8.shape[:-1]
-    latent = lax.bitcast_convert_type(k_fp8[..., :D_V], jnp.float8_e4m3fn)
+    codes = lax.bitcast_convert_type(k_fp8[..., :D_V], jnp.float8_e4m3fn)
     scales = lax.bitcast_convert_type(k_fp8[..., D_V:D_V + 16].reshape(*lead, 4, 4), jnp.float32)
     rope = lax.bitcast_convert_type(k_fp8[..., D_V + 16:].reshape(*lead, D_ROPE, 2), jnp.bfloat16)
-    return (latent, rope, scales), block_table
+    return codes, scales, rope
 
 
 def dequantize_kv_cache_fp8(k_fp8: Shaped[Array, "N P Hkv 656"]) -> Float[Array, "N P Hkv 576"]:
@@ -764,10 +773,8 @@ def dequantize_kv_cache_fp8(k_fp8: Shaped[Array, "N P Hkv 656"]) -> Float[Array,
     if k_fp8.dtype != jnp.uint8 or k_fp8.shape[-1] != FP8_TOKEN_BYTES:
         raise ValueError(f"expected uint8 [..., {FP8_TOKEN_BYTES}], got {k_fp8.dtype} {k_fp8.shape}")
     lead = k_fp8.shape[:-1]
-    codes = lax.bitcast_convert_type(k_fp8[..., :D_V], jnp.float8_e4m3fn)
-    scale = lax.bitcast_convert_type(k_fp8[..., D_V:D_V + 16].reshape(*lead, 4, 4), jnp.float32)
+    codes, scale, rope = _fp8_fields(k_fp8)
     nope = codes.astype(jnp.float32).reshape(*lead, 4, FP8_TILE) * scale[..., None]
-    rope = lax.bitcast_convert_type(k_fp8[..., D_V + 16:].reshape(*lead, D_ROPE, 2), jnp.bfloat16)
     return jnp.concatenate([nope.reshape(*lead, D_V).astype(jnp.bfloat16), rope], axis=-1)
 
 
